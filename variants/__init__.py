@@ -1,0 +1,31 @@
+"""nf4-explorer's runtime: bitsandbytes-format 4-bit dequantization through Triton kernel variants.
+
+Public API:
+    dequantize(packed, state, *, out=None, variant=None, config=None) -> Tensor
+    quantize(weight, *, blocksize=64, double_quant=True, quant_type="nf4") -> (packed, state)
+    reference_dequantize(packed, state) -> Tensor       # pure PyTorch ground truth
+    explain(packed, state) -> Choice                     # which variant/config would run, and why
+    registry: names(), get(name), register(Variant)
+
+Importing this package does no GPU work and reads no file: the tuned-config file of a GPU is
+read at the first dequantization on that GPU.
+"""
+
+import importlib
+import pkgutil
+
+from ._format import QuantState
+from ._reference import quantize, reference_dequantize
+from ._registry import Variant, get, names, register
+from ._dispatch import Choice, dequantize, explain
+
+# Every public module of this package is a variant that registers itself: adding a variant is
+# adding one file.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "Choice", "QuantState", "Variant", "dequantize", "explain", "get", "names", "quantize",
+    "reference_dequantize", "register",
+]

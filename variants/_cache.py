@@ -1,0 +1,170 @@
+"""Reading tuned_configs/<gpu-slug>.json: where the files are, their schema, staleness.
+
+The writer lives in ``tuner/`` (the runtime never imports the tuner); both share the names here.
+
+File layout (``schema_version`` 1)::
+
+    {"schema_version": 1, "device_name": ..., "compute_capability": [9, 0], "sm_count": 132,
+     "copy_bandwidth_gbps": 3019.0, "torch_version": ..., "triton_version": ...,
+     "kernel_hashes": {"per_row": "1f2e...", ...},
+     "entries": [{"quant_type": "nf4", "blocksize": 64, "double_quant": true,
+                  "out_dtype": "bfloat16", "size_bucket": 24, "shape": [4096, 4096],
+                  "variant": "block_tile", "config": {...}, "time_us": 9.1, "gbps": 2810.0,
+                  "pct_of_copy": 93.1, "others": {"per_row": {"config": {...}, "time_us": 12.0}},
+                  "driver": "optuna", "trials": 40, "date": "2026-11-27",
+                  "triton_version": "3.6", "kernel_hash": "1f2e..."}]}
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import inspect
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+SCHEMA_VERSION = 1
+ENV_CONFIG_DIR = "NF4_EXPLORER_CONFIG_DIR"
+ENTRY_FIELDS = ("quant_type", "blocksize", "double_quant", "out_dtype", "size_bucket", "shape", "variant", "config")
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def slug(device_name: str) -> str:
+    """File-name slug of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "unknown-device"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's marketing name, or 'Triton interpreter (CPU)' for CPU tensors."""
+    if device.type == "cpu":
+        return "Triton interpreter (CPU)"
+    return torch.cuda.get_device_name(device)
+
+
+def triton_minor() -> str:
+    """Triton's major.minor: tuned entries from another major.minor are stale."""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def size_bucket(n: int) -> int:
+    """Power-of-two size class of an element count (n in [2^(b-1), 2^b) -> b)."""
+    return int(n).bit_length()
+
+
+def user_config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "nf4-explorer"
+
+
+def search_dirs() -> list[tuple[str, Path]]:
+    """Where tuned files are looked for, first match wins: $NF4_EXPLORER_CONFIG_DIR if set, else
+    the user's config directory, then the files shipped in the package (tuned_configs/)."""
+    env = os.environ.get(ENV_CONFIG_DIR)
+    if env:
+        return [(f"${ENV_CONFIG_DIR}", Path(env))]
+    dirs = [("user config dir", user_config_dir())]
+    try:
+        dirs.append(("shipped", Path(str(importlib.resources.files("tuned_configs")))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return dirs
+
+
+def find_file(name: str) -> Path | None:
+    """The tuned file for device ``name``, from the first directory of :func:`search_dirs` that has one."""
+    for _, directory in search_dirs():
+        path = directory / f"{slug(name)}.json"
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_hash(variant_name: str) -> str:
+    """sha256 (16 hex digits) of a variant's kernel source and the shared device code it calls:
+    an edited kernel never reuses old winners."""
+    from . import _decode, _registry
+
+    kernel = _registry.get(variant_name).kernel
+    source = inspect.getsource(getattr(kernel, "fn", kernel)) + inspect.getsource(_decode)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def entry_key(entry: dict) -> tuple:
+    """The identity of an entry: two entries with one key are the same tuned problem."""
+    return (entry["quant_type"], entry["blocksize"], entry["double_quant"], entry["out_dtype"], tuple(entry["shape"]))
+
+
+def validate_document(doc: Any) -> list[str]:
+    """Problems with the file as a whole (empty list when it is usable)."""
+    if not isinstance(doc, dict):
+        return ["top level is not a JSON object"]
+    problems = []
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version is {doc.get('schema_version')!r}, this nf4-explorer reads {SCHEMA_VERSION}")
+    if not isinstance(doc.get("entries"), list):
+        problems.append("no 'entries' list")
+    return problems
+
+
+def entry_problem(entry: Any) -> str | None:
+    """Why one entry cannot be used (None when it can): malformed, stale Triton, or stale kernel."""
+    from . import _registry
+
+    if not isinstance(entry, dict) or any(f not in entry for f in ENTRY_FIELDS):
+        return "malformed entry"
+    if entry["variant"] not in _registry.names():
+        return f"unknown variant {entry['variant']!r}"
+    if entry.get("triton_version") != triton_minor():
+        return f"tuned with Triton {entry.get('triton_version')}, running {triton_minor()}"
+    if entry.get("kernel_hash") != kernel_hash(entry["variant"]):
+        return f"kernel {entry['variant']} changed since it was tuned"
+    try:
+        _registry.get(entry["variant"]).check_config(entry["config"], entry["blocksize"])
+    except (ValueError, TypeError) as exc:
+        return f"invalid config: {exc}"
+    return None
+
+
+def load_entries(name: str) -> tuple[Path | None, list[dict]]:
+    """Usable entries of the tuned file for device ``name``. Never raises: a missing file gives no
+    entries silently; an unreadable, corrupt or stale one gives one warning naming the file and why."""
+    path = find_file(name)
+    if path is None:
+        return None, []
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _warn(path, f"cannot be read ({exc})")
+        return path, []
+    problems = validate_document(doc)
+    if problems:
+        _warn(path, "; ".join(problems))
+        return path, []
+    usable, skipped = [], {}
+    for entry in doc["entries"]:
+        problem = entry_problem(entry)
+        if problem is None:
+            usable.append(entry)
+        else:
+            skipped[problem] = skipped.get(problem, 0) + 1
+    if skipped:
+        causes = "; ".join(f"{count} entries: {problem}" for problem, count in skipped.items())
+        _warn(path, f"has stale or invalid entries that are ignored ({causes}); re-run `nf4-explorer tune`")
+    return path, usable
+
+
+def _warn(path: Path, message: str) -> None:
+    warnings.warn(
+        f"nf4-explorer: tuned config file {path} {message}. Falling back to built-in defaults where needed.",
+        RuntimeWarning,
+        stacklevel=4,
+    )

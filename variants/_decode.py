@@ -1,0 +1,118 @@
+"""Device code shared by every variant: nibble decoding and the (double-quantized) absmax.
+
+Exactness rules (bitsandbytes 0.50, bit for bit):
+- the weight is ``table[nibble] * absmax`` in float32, then ONE cast to the output dtype;
+- a double-quantized absmax is ``code2[q] * absmax2[b // NESTED_BLOCKSIZE]`` rounded to float32,
+  then ``+ offset`` rounded again. Every launch passes ``enable_fp_fusion=False`` (see
+  ``launch_options``) so the compiler cannot fuse that multiply and add into one FMA.
+"""
+
+import triton
+import triton.language as tl
+
+from ._format import FP4_TABLE, NF4_TABLE, interpreter_enabled
+
+# Triton's interpreter casts float32 to bfloat16 by truncation (triton 3.6 runtime/interpreter.py
+# _convert_float), while GPUs round to nearest even (cvt.rn.bf16.f32) as bitsandbytes does. Under
+# the interpreter the kernels round explicitly so CPU tests check the same bits; on a GPU this
+# constant is False and the branch is compiled away.
+INTERPRETER = tl.constexpr(interpreter_enabled())
+
+# QUANT_TYPE constexpr values.
+NF4 = 0
+FP4 = 1
+QUANT_TYPE_IDS = {"nf4": NF4, "fp4": FP4}
+
+# The tables as compile-time constants for the register decode.
+_N = [tl.constexpr(v) for v in NF4_TABLE]
+_F = [tl.constexpr(v) for v in FP4_TABLE[:8]]
+N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14, N15 = _N
+F0, F1, F2, F3, F4, F5, F6, F7 = _F
+
+
+def launch_options() -> dict:
+    """Compile options every launch passes (see the module docstring)."""
+    return {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _select8(code, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Picks v[code & 7] with a 3-level tree of selects on the low three bits (7 selects)."""
+    b0 = (code & 1) != 0
+    b1 = (code & 2) != 0
+    b2 = (code & 4) != 0
+    s01 = tl.where(b0, v1, v0)
+    s23 = tl.where(b0, v3, v2)
+    s45 = tl.where(b0, v5, v4)
+    s67 = tl.where(b0, v7, v6)
+    s03 = tl.where(b1, s23, s01)
+    s47 = tl.where(b1, s67, s45)
+    return tl.where(b2, s47, s03)
+
+
+@triton.jit
+def decode_code(code, table_ptr, QUANT_TYPE: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
+    """float32 table value of a 4-bit ``code`` (int32 tensor, 0..15).
+
+    TABLE_IN_REGISTERS: a tree of selects on constants (no memory access), else a gather from the
+    16-entry float32 table at ``table_ptr`` (L1-resident).
+    """
+    if TABLE_IN_REGISTERS:
+        if QUANT_TYPE == 0:
+            low = _select8(code, N0, N1, N2, N3, N4, N5, N6, N7)
+            high = _select8(code, N8, N9, N10, N11, N12, N13, N14, N15)
+            value = tl.where((code & 8) != 0, high, low)
+        else:
+            # bit 3 is the sign; negation is exact (and gives -0.0 for code 8, as bitsandbytes).
+            magnitude = _select8(code, F0, F1, F2, F3, F4, F5, F6, F7)
+            value = tl.where((code & 8) != 0, -magnitude, magnitude)
+    else:
+        value = tl.load(table_ptr + code)
+    return value
+
+
+@triton.jit
+def load_absmax(
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+):
+    """float32 absmax of quantization block(s) ``block`` (an index tensor), decoding double quant."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q) * scale2
+        absmax = absmax + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def dequantize_codes(
+    codes, block, mask,
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr,
+    NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr,
+):
+    """float32 weights for 4-bit ``codes`` whose quantization blocks are ``block``."""
+    absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return decode_code(codes, table_ptr, QUANT_TYPE, TABLE_IN_REGISTERS) * absmax
+
+
+@triton.jit
+def to_output(values, out_ptr):
+    """Casts float32 ``values`` to the output dtype once, rounding to nearest even."""
+    if INTERPRETER and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return values.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def element_codes(packed_ptr, idx, mask):
+    """The 4-bit code of each element index ``idx``: the high nibble of byte idx//2 for even idx,
+    the low nibble for odd idx (shift arithmetic, no select)."""
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    shift = ((idx & 1) ^ 1).to(tl.int32) * 4
+    return (byte >> shift) & 0xF

@@ -1,0 +1,239 @@
+"""bitsandbytes' 4-bit format: the code tables, the state object, and input validation.
+
+Everything here is plain Python and PyTorch; nothing touches a GPU at import.
+
+Packed layout (bitsandbytes 0.50): the weight is flattened row-major; element 2i sits in the HIGH
+nibble of byte i and element 2i+1 in the LOW nibble. Element e belongs to quantization block
+e // blocksize, whose float32 scale is ``absmax[e // blocksize]``. With double quantization
+(``compress_statistics=True``) that scale is itself stored as a uint8 code:
+``absmax[b] = float32(code2[q[b]] * absmax2[b // blocksize2]) + offset`` (two roundings, no fused
+multiply-add). The weight is ``float32(table[nibble] * absmax)`` cast once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from typing import Any
+
+import torch
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32 and return it as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# bitsandbytes' NF4 table (csrc/kernels.cu nf4_dequantization_lut; functional.get_4bit_type("nf4")).
+NF4_TABLE = tuple(
+    _f32(v)
+    for v in (
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    )
+)
+# bitsandbytes' FP4 table: bit 3 is the sign, bits 0-2 pick a magnitude (csrc/kernels.cu
+# fp4_dequantization_lut, which equals get_4bit_type("fp4") = values / 12 in float32).
+_FP4_MAGNITUDES = tuple(_f32(v / 12.0) for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0))
+FP4_TABLE = _FP4_MAGNITUDES + tuple(-m for m in _FP4_MAGNITUDES)
+TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
+
+
+@dataclasses.dataclass
+class QuantState:
+    """The state of one 4-bit weight, with bitsandbytes' ``QuantState`` attribute names.
+
+    absmax:    float32 [n_blocks] scales, or uint8 [n_blocks] codes when ``state2`` is set.
+    shape:     torch.Size of the dequantized weight.
+    dtype:     output dtype (float16, bfloat16 or float32).
+    blocksize: elements per quantization block.
+    quant_type: "nf4" or "fp4".
+    code:      the 16-entry float32 table (informational: kernels use the constant table).
+    offset:    0-dim float32 tensor added to the decoded absmax (double quant only).
+    state2:    the nested state (double quant only): ``absmax`` float32 [ceil(n_blocks/blocksize)],
+               ``code`` float32 [256], ``blocksize``.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    state2: "QuantState | None" = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+
+@dataclasses.dataclass
+class DequantArgs:
+    """A validated problem, ready for any variant's launcher.
+
+    Every tensor is contiguous and on one device; ``packed`` is flat uint8 [ceil(n/2)] and
+    ``out`` is flat [n]. For 2-D variants the weight is seen as ``n_rows x n_cols``
+    (the last dimension of the shape is ``n_cols``).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code2: torch.Tensor
+    absmax2: torch.Tensor
+    offset: torch.Tensor
+    out: torch.Tensor
+    n: int
+    n_rows: int
+    n_cols: int
+    blocksize: int
+    nested_blocksize: int
+    quant_type: str
+    double_quant: bool
+    out_dtype: torch.dtype
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _as_state_fields(state: Any) -> tuple:
+    """Reads a QuantState (ours or bitsandbytes', duck-typed) and checks the fields exist."""
+    missing = [a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if not hasattr(state, a)]
+    if missing:
+        raise TypeError(
+            f"state has no {', '.join(missing)}: pass the QuantState returned by variants.quantize or "
+            "bitsandbytes.functional.quantize_4bit (or a Params4bit's .quant_state)"
+        )
+    state2 = getattr(state, "state2", None)
+    if state2 is None and getattr(state, "nested", False):
+        raise ValueError("state.nested is True but state.state2 is None: the double-quant state is incomplete")
+    return state.absmax, torch.Size(state.shape), state.dtype, int(state.blocksize), state.quant_type, state2
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Non-contiguous inputs are copied (documented): dequantization reads each byte once, so a
+    # copy costs one extra pass but never a wrong result.
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def prepare(
+    packed: torch.Tensor, state: Any, out: torch.Tensor | None, *, for_kernel: bool = True, allocate: bool = True
+) -> DequantArgs:
+    """Validates ``packed``/``state``/``out`` and returns the arguments every launcher takes.
+
+    ``allocate=False`` leaves ``out`` empty when none is given (to inspect a problem without
+    allocating its output). ``for_kernel=False`` skips the check that a Triton kernel can run on the device (the pure-PyTorch
+    reference runs anywhere). Raises TypeError for wrong types and dtypes, ValueError for sizes,
+    devices and unsupported settings; each message names the fix.
+    """
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    absmax, shape, dtype, blocksize, quant_type, state2 = _as_state_fields(state)
+    if packed.dtype != torch.uint8:
+        raise TypeError(
+            f"packed must be torch.uint8 (two 4-bit codes per byte), got {packed.dtype}; "
+            "bitsandbytes' quant_storage other than uint8 can be viewed as bytes with packed.view(torch.uint8)"
+        )
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unsupported quant_type {quant_type!r}: use one of {QUANT_TYPES}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize}: use one of {BLOCKSIZES}")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"unsupported output dtype {dtype}: state.dtype must be float16, bfloat16 or float32")
+    n = shape.numel()
+    if n == 0:
+        raise ValueError("state.shape has no elements: nothing to dequantize")
+    n_bytes = (n + 1) // 2
+    if packed.numel() != n_bytes:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but shape {tuple(shape)} needs ceil({n}/2) = {n_bytes}: "
+            "pass the packed tensor that belongs to this state"
+        )
+    device = packed.device
+    n_blocks = (n + blocksize - 1) // blocksize
+    if not isinstance(absmax, torch.Tensor):
+        raise TypeError(f"state.absmax must be a torch.Tensor, got {type(absmax).__name__}")
+    if absmax.numel() != n_blocks:
+        raise ValueError(
+            f"state.absmax has {absmax.numel()} entries but {n} elements in blocks of {blocksize} need {n_blocks}: "
+            "the state's blocksize or shape does not match its absmax"
+        )
+    tensors = {"packed": packed, "state.absmax": absmax}
+    if state2 is not None:
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"with double quantization state.absmax must hold uint8 codes, got {absmax.dtype}")
+        code2, absmax2, nested_blocksize = state2.code, state2.absmax, int(state2.blocksize)
+        offset = state.offset
+        if offset is None:
+            raise ValueError("double-quantized state has no offset: state.offset must be set")
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
+        if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
+            raise ValueError(f"state.state2.blocksize must be a power of two, got {nested_blocksize}")
+        if code2.numel() != 256 or code2.dtype != torch.float32:
+            raise ValueError(
+                f"state.state2.code must be 256 float32 entries, got {code2.numel()} of {code2.dtype}"
+            )
+        n_groups = (n_blocks + nested_blocksize - 1) // nested_blocksize
+        if absmax2.numel() != n_groups or absmax2.dtype != torch.float32:
+            raise ValueError(
+                f"state.state2.absmax must be {n_groups} float32 entries for {n_blocks} blocks in groups of "
+                f"{nested_blocksize}, got {absmax2.numel()} of {absmax2.dtype}"
+            )
+        if offset.numel() != 1 or offset.dtype != torch.float32:
+            raise ValueError(f"state.offset must be one float32 value, got {offset.numel()} of {offset.dtype}")
+        tensors.update({"state.state2.code": code2, "state.state2.absmax": absmax2, "state.offset": offset})
+    else:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"state.absmax must be float32 (or uint8 codes with state2), got {absmax.dtype}")
+        # Unused by the kernels when DOUBLE_QUANT is off; any float32 tensor on the device will do.
+        code2 = absmax2 = offset = absmax
+        nested_blocksize = 256
+    if out is not None:
+        tensors["out"] = out
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but packed is on {device}: move every tensor to one device "
+                "(e.g. state.to(device) for a bitsandbytes QuantState)"
+            )
+    if for_kernel and device.type == "cpu" and not interpreter_enabled():
+        raise ValueError(
+            "the tensors are on the CPU: Triton kernels need a GPU. Move them to CUDA, or run on the CPU "
+            "in Triton's interpreter with TRITON_INTERPRET=1 set before triton is imported "
+            "(variants.reference_dequantize is the pure-PyTorch path)"
+        )
+    if out is None:
+        out = torch.empty(shape if allocate else (0,), dtype=dtype, device=device)
+    else:
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the state says {dtype}: allocate out with dtype={dtype}")
+        if out.shape != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)} but the state says {tuple(shape)}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous (the kernels write it flat): pass a contiguous tensor")
+    n_cols = shape[-1] if len(shape) else 1
+    return DequantArgs(
+        packed=_contiguous(packed).view(-1),
+        absmax=_contiguous(absmax).view(-1),
+        code2=_contiguous(code2).view(-1),
+        absmax2=_contiguous(absmax2).view(-1),
+        offset=offset.reshape(-1),
+        out=out.view(-1),
+        n=n,
+        n_rows=n // n_cols,
+        n_cols=n_cols,
+        blocksize=blocksize,
+        nested_blocksize=nested_blocksize,
+        quant_type=quant_type,
+        double_quant=state2 is not None,
+        out_dtype=dtype,
+    )
