@@ -1,0 +1,118 @@
+"""Bad input gets a clear error naming the problem and the fix; never a wrong result."""
+
+import pytest
+import torch
+
+import variants
+
+
+@pytest.fixture
+def problem(device):
+    weight = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
+    return variants.quantize(weight, blocksize=64, double_quant=True)
+
+
+def test_wrong_packed_dtype(problem):
+    packed, state = problem
+    with pytest.raises(TypeError, match="packed must be torch.uint8"):
+        variants.dequantize(packed.to(torch.int16), state)
+
+
+def test_packed_size_mismatch(problem):
+    packed, state = problem
+    with pytest.raises(ValueError, match=r"needs ceil\(256/2\) = 128"):
+        variants.dequantize(packed[:-1], state)
+
+
+def test_absmax_length_mismatch(problem):
+    packed, state = problem
+    state.absmax = state.absmax[:-1]
+    with pytest.raises(ValueError, match="blocksize or shape does not match its absmax"):
+        variants.dequantize(packed, state)
+
+
+def test_unsupported_blocksize(problem):
+    packed, state = problem
+    state.blocksize = 48
+    with pytest.raises(ValueError, match="unsupported blocksize 48"):
+        variants.dequantize(packed, state)
+
+
+def test_unsupported_quant_type(problem):
+    packed, state = problem
+    state.quant_type = "int4"
+    with pytest.raises(ValueError, match="unsupported quant_type 'int4'"):
+        variants.dequantize(packed, state)
+
+
+def test_unsupported_output_dtype(problem):
+    packed, state = problem
+    state.dtype = torch.int8
+    with pytest.raises(ValueError, match="unsupported output dtype"):
+        variants.dequantize(packed, state)
+
+
+@pytest.mark.parametrize("bad_out, error, message", [
+    (lambda d: torch.empty(4, 64, dtype=torch.float16, device=d), TypeError, "out has dtype torch.float16"),
+    (lambda d: torch.empty(4, 65, dtype=torch.bfloat16, device=d), ValueError, "out has shape"),
+    (lambda d: torch.empty(64, 4, dtype=torch.bfloat16, device=d).t(), ValueError, "out must be contiguous"),
+])
+def test_bad_out(problem, device, bad_out, error, message):
+    packed, state = problem
+    with pytest.raises(error, match=message):
+        variants.dequantize(packed, state, out=bad_out(device))
+
+
+def test_out_on_another_device(problem, device):
+    if device.type == "cpu":
+        pytest.skip("needs a second device")
+    packed, state = problem
+    with pytest.raises(ValueError, match="out is on cpu but packed is on cuda"):
+        variants.dequantize(packed, state, out=torch.empty(4, 64, dtype=torch.bfloat16))
+
+
+def test_cpu_tensors_without_interpreter(problem, monkeypatch):
+    packed, state = problem
+    if packed.is_cuda:
+        packed, state = packed.cpu(), variants.quantize(torch.randn(4, 64, dtype=torch.bfloat16), blocksize=64)[1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        variants.dequantize(packed, state)
+
+
+def test_state_missing_fields(problem):
+    packed, _ = problem
+    with pytest.raises(TypeError, match="state has no absmax"):
+        variants.dequantize(packed, object())
+
+
+def test_double_quant_without_offset(problem):
+    packed, state = problem
+    state.offset = None
+    with pytest.raises(ValueError, match="no offset"):
+        variants.dequantize(packed, state)
+
+
+def test_unknown_variant_lists_the_names(problem):
+    packed, state = problem
+    with pytest.raises(ValueError, match="registered variants are"):
+        variants.dequantize(packed, state, variant="nope")
+
+
+def test_config_outside_space(problem):
+    packed, state = problem
+    with pytest.raises(ValueError, match="outside the search space"):
+        variants.dequantize(packed, state, variant="where_gather",
+                            config={"BLOCK": 3, "TABLE_IN_REGISTERS": True, "num_warps": 4})
+
+
+def test_config_with_unknown_key(problem):
+    packed, state = problem
+    with pytest.raises(ValueError, match="unknown keys"):
+        variants.dequantize(packed, state, variant="where_gather", config={"BLOCK": 1024, "FOO": 1})
+
+
+def test_config_without_variant(problem):
+    packed, state = problem
+    with pytest.raises(ValueError, match="config= needs variant="):
+        variants.dequantize(packed, state, config={"BLOCK": 1024})

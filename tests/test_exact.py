@@ -1,0 +1,88 @@
+"""Every registered variant, several configs of its space, every format option: output EXACTLY equal
+to the reference (torch.equal), on random data, into a poisoned output buffer.
+
+On a machine without a GPU this runs in Triton's interpreter (conftest.py), so shapes are tiny but
+awkward: odd n, n not a multiple of the blocksize, one element, rows not a multiple of the tile,
+more than 256 blocks (two double-quant groups).
+"""
+
+import pytest
+import torch
+
+import variants
+from helpers import assert_bit_equal, poisoned
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCKSIZES = (32, 64, 256, 4096)
+SHAPES = ((1,), (3, 37), (7, 129), (3, 1500), (9, 1000))
+
+
+def sample_configs(variant, blocksize):
+    """The default, the smallest and the largest config, and one with the other table decode."""
+    configs = variant.configs(blocksize)
+    default = variant.default_config(blocksize)
+    other_decode = next(c for c in configs if c.get("TABLE_IN_REGISTERS") != default.get("TABLE_IN_REGISTERS"))
+    picked = [default, configs[0], configs[-1], other_decode]
+    return [c for i, c in enumerate(picked) if c not in picked[:i]]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "fp32absmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", variants.names())
+def test_variant_exact(name, dtype, double_quant, quant_type, device):
+    variant = variants.get(name)
+    for blocksize in BLOCKSIZES:
+        for shape in SHAPES:
+            weight = torch.randn(shape, dtype=dtype, device=device) * 3
+            packed, state = variants.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+            expected = variants.reference_dequantize(packed, state)
+            for config in sample_configs(variant, blocksize):
+                out = poisoned(shape, dtype, device)
+                result = variants.dequantize(packed, state, out=out, variant=name, config=config)
+                assert result is out
+                assert_bit_equal(out, expected, f"{name} {config} bs={blocksize} shape={shape}")
+
+
+@pytest.mark.parametrize("name", variants.names())
+def test_variant_allocates_output_and_accepts_2d_packed(name, device):
+    weight = torch.randn(6, 96, dtype=torch.bfloat16, device=device)
+    packed, state = variants.quantize(weight, blocksize=32)
+    expected = variants.reference_dequantize(packed, state)
+    result = variants.dequantize(packed.view(6, 48), state, variant=name)
+    assert result.shape == weight.shape and result.dtype == weight.dtype
+    assert_bit_equal(result, expected, name)
+
+
+def test_non_contiguous_packed_is_copied(device):
+    weight = torch.randn(4, 64, dtype=torch.float16, device=device)
+    packed, state = variants.quantize(weight, blocksize=64)
+    strided = torch.stack([packed.view(4, 32), packed.view(4, 32)], dim=2)[..., 0]  # same bytes, not contiguous
+    assert not strided.is_contiguous()
+    assert_bit_equal(variants.dequantize(strided, state), variants.reference_dequantize(packed, state))
+
+
+def test_reference_matches_formula_on_a_hand_built_state():
+    # Two blocks of 32, fp32 absmax; element 2i is the high nibble of byte i.
+    codes = torch.arange(64) % 16
+    packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
+    absmax = torch.tensor([2.0, 0.5])
+    state = variants.QuantState(absmax=absmax, shape=torch.Size([64]), dtype=torch.float32, blocksize=32, quant_type="nf4")
+    table = torch.tensor(variants._format.NF4_TABLE)
+    expected = table[codes] * absmax.repeat_interleave(32)
+    assert_bit_equal(variants.reference_dequantize(packed, state), expected)
+
+
+def test_double_quant_absmax_rounds_multiply_then_add():
+    # float32(code2[q] * absmax2) + offset, two roundings: with these values a fused multiply-add
+    # would give a different last bit.
+    from variants._reference import reference_absmax
+
+    code2 = torch.zeros(256)
+    code2[1] = 1.0 + 2**-23
+    state2 = variants.QuantState(absmax=torch.tensor([1.0 + 2**-23]), shape=torch.Size([1]), dtype=torch.float32, code=code2,
+                                 blocksize=256)
+    state = variants.QuantState(absmax=torch.tensor([1], dtype=torch.uint8), shape=torch.Size([32]),
+                                dtype=torch.float32, blocksize=32, offset=torch.tensor(-1.0), state2=state2)
+    product = torch.tensor(1.0 + 2**-23) * torch.tensor(1.0 + 2**-23)  # rounds to 1 + 2**-22
+    assert reference_absmax(state).item() == (product - 1.0).item() == 2**-22

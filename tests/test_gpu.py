@@ -1,0 +1,59 @@
+"""GPU tests (marker `gpu`): exactness at LLM sizes and bit-equality with bitsandbytes' CUDA kernels."""
+
+import random
+
+import pytest
+import torch
+
+import variants
+from helpers import assert_bit_equal, poisoned
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1024, 4096)])
+def test_llm_size_exact(name, shape):
+    weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
+    expected = variants.reference_dequantize(packed, state)
+    out = poisoned(shape, torch.bfloat16, "cuda")
+    variants.dequantize(packed, state, out=out, variant=name)
+    assert_bit_equal(out, expected, f"{name} {shape}")
+
+
+def _random_cases(count, seed):
+    rng = random.Random(seed)
+    for _ in range(count):
+        rows, cols = rng.choice([1, 3, 17, 64, 511, 1024, 4096]), rng.choice([1, 31, 64, 255, 1000, 4096, 11008])
+        yield (
+            (rows, cols), rng.choice(DTYPES), rng.choice([32, 64, 128, 256, 512, 1024, 2048, 4096]),
+            rng.choice([True, False]), rng.choice(["nf4", "fp4"]),
+        )
+
+
+@pytest.mark.parametrize("case", list(_random_cases(40, seed=7)), ids=str)
+def test_bit_equal_with_bitsandbytes(case):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    shape, dtype, blocksize, double_quant, quant_type = case
+    weight = torch.randn(shape, device="cuda", dtype=dtype) * 2.5
+    bnb_packed, bnb_state = bnb.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )
+    packed, state = variants.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+    assert_bit_equal(packed, bnb_packed, "quantize bytes")
+    if double_quant:
+        assert_bit_equal(state.absmax, bnb_state.absmax, "absmax codes")
+        assert_bit_equal(state.state2.absmax, bnb_state.state2.absmax, "absmax2")
+        assert_bit_equal(state.offset, bnb_state.offset, "offset")
+    else:
+        assert_bit_equal(state.absmax, bnb_state.absmax, "absmax")
+    expected = bnb.dequantize_4bit(bnb_packed, bnb_state)
+    for name in variants.names():
+        out = poisoned(shape, dtype, "cuda")
+        variants.dequantize(bnb_packed, bnb_state, out=out, variant=name)
+        assert_bit_equal(out, expected, f"{name} vs bitsandbytes {case}")
+    assert_bit_equal(variants.dequantize(bnb_packed, bnb_state), expected, "dispatcher vs bitsandbytes")
+    assert_bit_equal(variants.reference_dequantize(bnb_packed, bnb_state), expected, "reference vs bitsandbytes")

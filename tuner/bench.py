@@ -1,0 +1,131 @@
+"""`nf4-explorer bench`: the dispatcher, every variant, bitsandbytes and the torch reference, timed
+in one process beside the card's copy bandwidth."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import torch
+
+import variants
+from variants import _cache, _dispatch
+from variants._format import prepare
+
+from . import timing
+from .problems import Problem
+
+
+@dataclasses.dataclass
+class Row:
+    problem: str
+    provider: str
+    config: str
+    us: float
+    gbps: float
+    pct_copy: float
+    speedup_vs_bnb: float | None = None
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except Exception:  # not installed, or no library for this CUDA
+        return None
+    return bnb_functional
+
+
+def variant_configs(problem: Problem, device) -> dict[str, dict]:
+    """Each variant's tuned config for ``problem`` on this GPU (from its tuned file), else its default."""
+    _, entries = _cache.load_entries(_cache.device_name(device))
+    key = _cache.entry_key(problem.key())
+    configs = {name: variants.get(name).default_config(problem.blocksize) for name in variants.names()}
+    for entry in entries:
+        if _cache.entry_key(entry) == key:
+            for name, other in entry.get("others", {}).items():
+                if name in configs and "config" in other:
+                    configs[name] = other["config"]
+            configs[entry["variant"]] = entry["config"]
+    return configs
+
+
+def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = True, progress=None) -> tuple[float, list[Row]]:
+    """Times every provider on every problem; returns (copy GB/s, rows)."""
+    device = torch.device(device)
+    copy_gbps = timing.copy_bandwidth_gbps(device)
+    bnb = _bitsandbytes()
+    rows: list[Row] = []
+    for problem in problems:
+        packed, state = problem.make_inputs(device)
+        out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
+        reference = variants.reference_dequantize(packed, state)
+        providers = {"nf4-explorer (dispatcher)": ("", lambda: variants.dequantize(packed, state, out=out))}
+        for name, config in variant_configs(problem, device).items():
+            providers[name] = (
+                _config_text(config),
+                lambda name=name, config=config: variants.dequantize(packed, state, out=out, variant=name, config=config),
+            )
+        if bnb is not None:
+            providers["bitsandbytes"] = ("", lambda: bnb.dequantize_4bit(packed, state))
+        if torch_reference:
+            providers["torch reference"] = ("", lambda: variants.reference_dequantize(packed, state, out=out))
+        problem_rows = []
+        for provider, (config, fn) in providers.items():
+            out.fill_(float("nan"))
+            result = fn()
+            if not torch.equal(result, reference):
+                raise AssertionError(f"{provider} is not bit-exact on {problem.label()}: benchmark aborted")
+            us = timing.median_us(fn)
+            gbps = problem.bytes_moved() / (us * 1e-6) / 1e9
+            problem_rows.append(Row(problem.label(), provider, config, us, gbps, 100 * gbps / copy_gbps))
+        bnb_us = next((r.us for r in problem_rows if r.provider == "bitsandbytes"), None)
+        for row in problem_rows:
+            row.speedup_vs_bnb = bnb_us / row.us if bnb_us else None
+        rows += problem_rows
+        if progress:
+            progress(problem)
+        del packed, state, out, reference
+    return copy_gbps, rows
+
+
+def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 1000) -> dict[str, float]:
+    """The back-to-back loop: for every problem 3 weight matrices, ``repeats`` rounds of calls,
+    one synchronize at the end. Returns wall seconds per provider."""
+    device = torch.device(device)
+    weights = [p.make_inputs(device, seed=seed) for p in problems for seed in range(3)]
+    results = {"nf4-explorer": timing.loop_seconds([lambda w=w: variants.dequantize(*w) for w in weights], repeats)}
+    bnb = _bitsandbytes()
+    if bnb is not None:
+        results["bitsandbytes"] = timing.loop_seconds([lambda w=w: bnb.dequantize_4bit(*w) for w in weights], repeats)
+    return results
+
+
+def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000) -> dict[str, float]:
+    """Host cost per call: the dispatcher vs launching the chosen variant with its config directly,
+    measured as back-to-back loops of ``calls`` calls (launch-bound on small shapes)."""
+    device = torch.device(device)
+    packed, state = problem.make_inputs(device)
+    out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
+    choice = _dispatch.explain(packed, state)
+    launcher = variants.get(choice.variant)
+    direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
+    dispatched = lambda: variants.dequantize(packed, state, out=out)
+    best = {}
+    for name, fn in (("direct", direct), ("dispatcher", dispatched)) * 3:
+        seconds = timing.loop_seconds([fn], calls)
+        best[name] = min(best.get(name, float("inf")), seconds / calls * 1e6)
+    best["overhead"] = best["dispatcher"] - best["direct"]
+    return best
+
+
+def _config_text(config: dict) -> str:
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in dataclasses.fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dataclasses.asdict(row))

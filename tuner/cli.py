@@ -1,0 +1,201 @@
+"""The `nf4-explorer` command line: check, tune, show, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return torch.device("cpu")
+    return None
+
+
+def _no_device_message() -> str:
+    return (
+        "no CUDA GPU found. To run in Triton's interpreter on the CPU (tiny shapes, slow), set "
+        "TRITON_INTERPRET=1, e.g.  TRITON_INTERPRET=1 nf4-explorer check"
+    )
+
+
+def _problem_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    parser.add_argument("--preset", default=None, help=f"problem preset from presets.yaml (default: {default_preset}; "
+                        "'tiny' without a GPU)")
+    parser.add_argument("--shapes", help="comma-separated ROWSxCOLS shapes, e.g. 4096x14336,1024x4096")
+    parser.add_argument("--shapes-file", help="a YAML file of presets (same format as tuner/presets.yaml)")
+    parser.add_argument("--dtypes", help="comma-separated output dtypes: bfloat16,float16,float32")
+    parser.add_argument("--blocksizes", help="comma-separated blocksizes, e.g. 64,128")
+    parser.add_argument("--double-quant", choices=["on", "off", "both"], help="double-quantized absmax")
+    parser.add_argument("--quant-types", help="comma-separated: nf4,fp4")
+
+
+def _problems(args, device, default_preset: str):
+    from .problems import expand, load_presets, parse_shapes
+
+    presets = load_presets(args.shapes_file)
+    name = args.preset or (default_preset if device is None or device.type == "cuda" else "tiny")
+    if args.shapes_file and not args.preset:
+        name = next(iter(presets))
+    if name not in presets:
+        raise SystemExit(f"error: unknown preset {name!r}: choose one of {', '.join(presets)}")
+    overrides = {
+        "shapes": parse_shapes(args.shapes) if args.shapes else None,
+        "dtypes": args.dtypes.split(",") if args.dtypes else None,
+        "blocksizes": [int(b) for b in args.blocksizes.split(",")] if args.blocksizes else None,
+        "double_quant": {"on": [True], "off": [False], "both": [True, False]}.get(args.double_quant),
+        "quant_types": args.quant_types.split(",") if args.quant_types else None,
+    }
+    if overrides["shapes"]:
+        overrides["models"] = {}
+    try:
+        return expand(presets[name], **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def cmd_check(args) -> int:
+    """Every variant dequantizes bitsandbytes-format weights here; exactness and time per variant."""
+    import torch
+
+    import variants
+    from .problems import Problem
+
+    device = _device()
+    if device is None:
+        console.print(f"[red]error:[/red] {_no_device_message()}")
+        return 2
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        problems = [Problem((4096, 4096), "bfloat16", 64, True, "nf4"), Problem((1023, 4097), "float16", 128, False, "fp4")]
+        console.print(f"Checking on {torch.cuda.get_device_name(device)}")
+    else:
+        problems = [Problem((8, 64), "bfloat16", 64, True, "nf4"), Problem((5, 33), "float16", 32, False, "fp4")]
+        console.print("[yellow]No GPU: running in Triton's interpreter on the CPU, tiny shapes; times are "
+                      "interpreter times, not kernel times.[/yellow]")
+    try:
+        import bitsandbytes.functional as bnb
+    except Exception:
+        bnb = None
+    table = Table(title="nf4-explorer check: every variant at its default config vs the reference")
+    for column in ("problem", "variant", "exact", "vs bitsandbytes", "time"):
+        table.add_column(column)
+    failures = 0
+    for problem in problems:
+        packed, state = problem.make_inputs(device)
+        reference = variants.reference_dequantize(packed, state)
+        bnb_out = bnb.dequantize_4bit(packed, state) if (bnb is not None and on_gpu) else None
+        for name in variants.names():
+            out = torch.full(problem.shape, float("nan"), dtype=problem.torch_dtype, device=device)
+            start = time.perf_counter()
+            variants.dequantize(packed, state, out=out, variant=name)
+            if on_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            exact = torch.equal(out, reference)
+            failures += not exact
+            if on_gpu:
+                from .timing import median_us
+
+                when = f"{median_us(lambda: variants.dequantize(packed, state, out=out, variant=name)):.1f} µs"
+            else:
+                when = f"{elapsed * 1e3:.0f} ms (interpreter)"
+            vs_bnb = "-" if bnb_out is None else ("[green]equal[/green]" if torch.equal(out, bnb_out) else "[red]DIFFERENT[/red]")
+            failures += bnb_out is not None and not torch.equal(out, bnb_out)
+            table.add_row(problem.label(), name, "[green]pass[/green]" if exact else "[red]FAIL[/red]", vs_bnb, when)
+    console.print(table)
+    console.print("[green]all variants exact[/green]" if not failures else f"[red]{failures} failures[/red]")
+    return 1 if failures else 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, loop_comparison, write_csv
+    from .problems import expand, load_presets
+
+    device = _device()
+    if device is None or device.type != "cuda":
+        console.print("[red]error:[/red] bench times kernels on a CUDA GPU; none found here "
+                      "(the interpreter's times mean nothing). Run `nf4-explorer check` instead.")
+        return 2
+    if args.preset or args.shapes or args.shapes_file:
+        problems = _problems(args, device, "issue")
+    else:
+        presets = load_presets()
+        problems = list(dict.fromkeys(expand(presets["issue"]) + expand(presets["llm"])))
+    copy_gbps, rows = bench(problems, device=device, torch_reference=not args.no_torch)
+    _print_bench(copy_gbps, rows)
+    if args.loop:
+        from .problems import Problem
+
+        for dtype in ("float16", "bfloat16"):
+            loop_problems = [Problem(s, dtype) for s in ((8192, 2048), (4096, 1024), (14336, 4096))]
+            result = loop_comparison(loop_problems, device=device)
+            line = ", ".join(f"{k}: {v:.3f} s" for k, v in result.items())
+            if "bitsandbytes" in result:
+                line += f"  (speedup {result['bitsandbytes'] / result['nf4-explorer']:.2f}x)"
+            console.print(f"loop ({dtype}, 3 shapes x 3 weights x 1000 calls): {line}")
+    if args.out:
+        from .plots import bench_chart
+
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out_dir / "bench.csv")
+        bench_chart(rows, copy_gbps, out_dir / "bench.png")
+        console.print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.png'}")
+    return 0
+
+
+def _print_bench(copy_gbps: float, rows) -> None:
+    import torch
+    import triton
+
+    table = Table(title=f"{torch.cuda.get_device_name()} | copy bandwidth {copy_gbps:.0f} GB/s | "
+                        f"torch {torch.__version__}, triton {triton.__version__}")
+    for column in ("problem", "provider", "µs", "GB/s", "% copy", "vs bnb", "config"):
+        table.add_column(column, justify="right" if column in ("µs", "GB/s", "% copy", "vs bnb") else "left")
+    last = None
+    for row in rows:
+        if last is not None and row.problem != last:
+            table.add_section()
+        last = row.problem
+        speedup = f"{row.speedup_vs_bnb:.2f}x" if row.speedup_vs_bnb else "-"
+        table.add_row(row.problem, row.provider, f"{row.us:.1f}", f"{row.gbps:.0f}", f"{row.pct_copy:.1f}",
+                      speedup, row.config)
+    console.print(table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nf4-explorer",
+        description="Bit-exact bitsandbytes NF4/FP4 dequantization with tuned Triton kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="exactness and time of every variant on this GPU (or the interpreter)")
+    check.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="time the dispatcher, every variant, bitsandbytes and torch on a GPU")
+    _problem_args(bench, "issue + llm")
+    bench.add_argument("--loop", action="store_true", help="also run the back-to-back loop (3 shapes x 3 weights x 1000)")
+    bench.add_argument("--out", help="directory for bench.csv and bench.png")
+    bench.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference")
+    bench.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

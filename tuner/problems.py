@@ -1,0 +1,113 @@
+"""Problems to tune and benchmark: presets (YAML data), user shapes, and their input tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import itertools
+from pathlib import Path
+
+import torch
+import yaml
+
+import variants
+from variants._cache import DTYPE_NAMES, size_bucket
+
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+DTYPES.update({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32})
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One dequantization problem: a weight shape in one format."""
+
+    shape: tuple[int, ...]
+    dtype: str = "bfloat16"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_type: str = "nf4"
+
+    @property
+    def n(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def key(self) -> dict:
+        """The fields that identify this problem in a tuned file."""
+        return {
+            "quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant,
+            "out_dtype": self.dtype, "size_bucket": size_bucket(self.n), "shape": list(self.shape),
+        }
+
+    def label(self) -> str:
+        dq = "dq" if self.double_quant else "fp32-absmax"
+        return f"{'x'.join(map(str, self.shape))} {self.quant_type} bs{self.blocksize} {dq} {self.dtype}"
+
+    def bytes_moved(self) -> int:
+        """Fewest bytes one dequantization must move: packed codes, absmax, output."""
+        n_blocks = -(-self.n // self.blocksize)
+        absmax = n_blocks * (1 if self.double_quant else 4) + (-(-n_blocks // 256) * 4 + 1024 if self.double_quant else 0)
+        return (self.n + 1) // 2 + absmax + self.n * self.torch_dtype.itemsize
+
+    def make_inputs(self, device, seed: int = 0):
+        """Random weights quantized to this problem's format: (packed, state) on ``device``."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        weight = torch.randn(self.shape, generator=generator, dtype=torch.float32).to(device, self.torch_dtype)
+        return variants.quantize(
+            weight, blocksize=self.blocksize, double_quant=self.double_quant, quant_type=self.quant_type
+        )
+
+
+def load_presets(path: str | Path | None = None) -> dict:
+    """The presets in ``path`` (a YAML file), or the package's presets.yaml."""
+    if path is None:
+        text = importlib.resources.files("tuner").joinpath("presets.yaml").read_text()
+    else:
+        text = Path(path).read_text()
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'presets.yaml'}: expected a mapping of preset names to problem sets")
+    return data
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """'4096x14336,1024x4096' -> [(4096, 14336), (1024, 4096)]."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            shape = tuple(int(d) for d in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bad shape {item!r}: write shapes as ROWSxCOLS, e.g. 4096x14336") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError(f"bad shape {item!r}: every dimension must be a positive integer")
+        shapes.append(shape)
+    return shapes
+
+
+def _shapes_of(spec: dict) -> list[tuple[int, ...]]:
+    shapes = [tuple(s) for s in spec.get("shapes", [])]
+    for model_shapes in (spec.get("models") or {}).values():
+        shapes += [tuple(s) for s in model_shapes]
+    return list(dict.fromkeys(shapes))  # unique, in order
+
+
+def expand(spec: dict, **overrides) -> list[Problem]:
+    """Every problem of a preset spec, with command-line overrides (None = keep the preset's)."""
+    spec = {**spec, **{k: v for k, v in overrides.items() if v is not None}}
+    shapes = _shapes_of(spec)
+    if not shapes:
+        raise ValueError("the problem set has no shapes: give --shapes or a preset with shapes")
+    for dtype in spec.get("dtypes", ["bfloat16"]):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    problems = [
+        Problem(shape, DTYPE_NAMES[DTYPES[dtype]], int(bs), bool(dq), qt)
+        for shape, dtype, bs, dq, qt in itertools.product(
+            shapes, spec.get("dtypes", ["bfloat16"]), spec.get("blocksizes", [64]),
+            spec.get("double_quant", [True]), spec.get("quant_types", ["nf4"]),
+        )
+    ]
+    return list(dict.fromkeys(problems))

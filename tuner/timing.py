@@ -1,0 +1,36 @@
+"""Timing on the GPU: do_bench medians (L2 flushed), back-to-back loops, the copy-bandwidth anchor."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton.testing
+
+
+def median_us(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of ``fn()`` in microseconds (triton.testing.do_bench flushes L2 between runs)."""
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1000.0
+
+
+def copy_bandwidth_gbps(device, n_bytes: int = 1 << 30) -> float:
+    """The card's device-to-device copy bandwidth, GB/s counting bytes read plus bytes written."""
+    src = torch.empty(n_bytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    us = median_us(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (n_bytes // 2) / (us * 1e-6) / 1e9
+
+
+def loop_seconds(calls, repeats: int = 1000) -> float:
+    """Wall-clock seconds for ``repeats`` rounds of every call in ``calls``, back to back, with one
+    synchronize at the end (launch overhead shows here, unlike in do_bench)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
