@@ -220,9 +220,14 @@ def prepare(
             raise ValueError(f"out has shape {tuple(out.shape)} but the state says {tuple(shape)}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous (the kernels write it flat): pass a contiguous tensor")
+    packed = _contiguous(packed)
+    if packed.data_ptr() % 16:
+        # Kernels read packed bytes as aligned 32-bit words and vectors; an unaligned view (a
+        # slice starting mid-buffer) is copied once to an aligned buffer.
+        packed = packed.clone()
     n_cols = shape[-1] if len(shape) else 1
     return DequantArgs(
-        packed=_contiguous(packed).view(-1),
+        packed=packed.view(-1),
         absmax=_contiguous(absmax).view(-1),
         code2=_contiguous(code2).view(-1),
         absmax2=_contiguous(absmax2).view(-1),

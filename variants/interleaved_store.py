@@ -43,10 +43,10 @@ register(Variant(
     kernel=interleaved_store_kernel,
     grid=_grid,
     space={
-        "BLOCK": (128, 256, 512, 1024, 2048, 4096),
+        "BLOCK": (1024, 2048, 4096),
         "TABLE_IN_REGISTERS": (True, False),
         "num_warps": (2, 4, 8),
     },
-    default={"BLOCK": 1024, "TABLE_IN_REGISTERS": True, "num_warps": 4},
+    default={"BLOCK": 4096, "TABLE_IN_REGISTERS": False, "num_warps": 4},
     description="flat byte tiles, high/low nibbles decoded as two vectors joined by tl.interleave",
 ))

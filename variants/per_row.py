@@ -36,11 +36,11 @@ register(Variant(
     kernel=per_row_kernel,
     grid=_grid,
     space={
-        "BLOCK_N": (256, 512, 1024, 2048, 4096),
+        "BLOCK_N": (512, 1024, 2048, 4096),
         "TABLE_IN_REGISTERS": (True, False),
-        "num_warps": (2, 4, 8),
-        "num_stages": (1, 2, 3),
+        "num_warps": (4, 8),
+        "num_stages": (1, 2),
     },
-    default={"BLOCK_N": 1024, "TABLE_IN_REGISTERS": True, "num_warps": 4, "num_stages": 2},
+    default={"BLOCK_N": 1024, "TABLE_IN_REGISTERS": False, "num_warps": 8, "num_stages": 2},
     description="one program per row, looping over the row in BLOCK_N chunks",
 ))

@@ -36,12 +36,12 @@ register(Variant(
     kernel=tiled_2d_kernel,
     grid=_grid,
     space={
-        "BLOCK_M": (1, 2, 4, 8, 16),
-        "BLOCK_N": (64, 128, 256, 512, 1024),
+        "BLOCK_M": (1, 4, 16),
+        "BLOCK_N": (128, 512, 1024),
         "TABLE_IN_REGISTERS": (True, False),
         "num_warps": (2, 4, 8),
     },
-    default={"BLOCK_M": 4, "BLOCK_N": 256, "TABLE_IN_REGISTERS": True, "num_warps": 4},
+    default={"BLOCK_M": 1, "BLOCK_N": 1024, "TABLE_IN_REGISTERS": False, "num_warps": 2},
     description="2-D grid of BLOCK_M x BLOCK_N output tiles",
     allowed=lambda config, blocksize: config["BLOCK_M"] * config["BLOCK_N"] <= 8192,
 ))

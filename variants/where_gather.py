@@ -35,10 +35,10 @@ register(Variant(
     kernel=where_gather_kernel,
     grid=_grid,
     space={
-        "BLOCK": (256, 512, 1024, 2048, 4096, 8192),
+        "BLOCK": (512, 1024, 2048, 4096),
         "TABLE_IN_REGISTERS": (True, False),
         "num_warps": (2, 4, 8),
     },
-    default={"BLOCK": 2048, "TABLE_IN_REGISTERS": True, "num_warps": 4},
+    default={"BLOCK": 2048, "TABLE_IN_REGISTERS": False, "num_warps": 2},
     description="flat, one lane per element, nibble picked by tl.where on parity",
 ))

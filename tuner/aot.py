@@ -1,0 +1,83 @@
+"""Ahead-of-time compilation of a variant's config for a GPU target, with no GPU present.
+
+Used by the tests (every config of every variant must compile for every supported target) and to
+read a kernel's PTX/AMDGCN (vector widths, fused multiply-adds) without a device.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import variants
+from variants._decode import QUANT_TYPE_IDS, launch_options
+from variants._registry import LAUNCH_PARAMS
+
+# (backend, arch, warp size) of every target the project compiles for.
+TARGETS = {
+    "sm_75": GPUTarget("cuda", 75, 32),
+    "sm_80": GPUTarget("cuda", 80, 32),
+    "sm_86": GPUTarget("cuda", 86, 32),
+    "sm_89": GPUTarget("cuda", 89, 32),
+    "sm_90": GPUTarget("cuda", 90, 32),
+    "gfx90a": GPUTarget("hip", "gfx90a", 64),
+    "gfx942": GPUTarget("hip", "gfx942", 64),
+}
+_OUT_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+
+
+def signature(kernel, out_dtype: str, double_quant: bool) -> dict:
+    """Triton signature of the shared kernel interface (see variants/_registry.py)."""
+    types = {
+        "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32", "code2_ptr": "*fp32",
+        "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": _OUT_TYPES[out_dtype],
+    }
+    return {name: types.get(name, "i32" if not name.isupper() else "constexpr") for name in kernel.arg_names}
+
+
+def compile_config(
+    name: str, config: dict, target: GPUTarget, *, out_dtype: str = "bfloat16", double_quant: bool = True,
+    blocksize: int = 64, quant_type: str = "nf4", aligned: bool = True,
+):
+    """Compiles variant ``name`` at ``config`` for ``target``; returns Triton's CompiledKernel.
+
+    ``aligned`` marks every pointer and size divisible by 16, as Triton specializes them at run
+    time for aligned tensors and sizes (this is what makes 16-byte accesses possible).
+    """
+    kernel = variants.get(name).kernel
+    sig = signature(kernel, out_dtype, double_quant)
+    constexprs = {
+        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "QUANT_TYPE": QUANT_TYPE_IDS[quant_type],
+        "DOUBLE_QUANT": double_quant, **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
+    }
+    attrs = {}
+    if aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}
+    source = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1), **launch_options()}
+    return triton.compile(source, target=target, options=options)
+
+
+def compile_space(name: str, target: str) -> tuple[int, list[str]]:
+    """Compiles every config of variant ``name`` (for blocksizes 64 and 32, whose spaces differ)
+    for ``target``; returns (configs tried, failure descriptions)."""
+    variant = variants.get(name)
+    configs = variant.configs(64) + [c for c in variant.configs(32) if c not in variant.configs(64)]
+    failures = []
+    for config in configs:
+        try:
+            compile_config(name, config, TARGETS[target], blocksize=32 if config not in variant.configs(64) else 64)
+        except Exception as exc:  # report every failing config, not just the first
+            failures.append(f"{config}: {type(exc).__name__}: {str(exc)[:300]}")
+    return len(configs), failures
+
+
+if __name__ == "__main__":
+    # python -m tuner.aot VARIANT TARGET: compiles the variant's whole space; prints JSON.
+    # (A separate process: under TRITON_INTERPRET=1 kernels cannot be compiled.)
+    import json
+    import sys
+
+    tried, failed = compile_space(sys.argv[1], sys.argv[2])
+    print(json.dumps({"tried": tried, "failures": failed}))
