@@ -120,6 +120,56 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_tune(args) -> int:
+    import variants
+    from .tune import tune
+
+    device = _device()
+    if device is None:
+        console.print(f"[red]error:[/red] {_no_device_message()}")
+        return 2
+    if device.type == "cpu":
+        console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
+                      "nothing.[/yellow]")
+    problems = _problems(args, device, "llm")
+    names = args.variants.split(",") if args.variants else variants.names()
+    try:
+        path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
+                             storage=args.storage, output_dir=args.output, seed=args.seed, device=device)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    table = Table(title=f"tuned {len(entries)} of {len(problems)} problems ({args.driver}) -> {path}")
+    for column in ("problem", "winner", "config", "µs", "GB/s", "% copy"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(" ".join(str(entry[k]) for k in ("shape", "quant_type", "blocksize", "out_dtype")),
+                      entry["variant"], str(entry["config"]), f"{entry['time_us']:.1f}", f"{entry['gbps']:.0f}",
+                      str(entry["pct_of_copy"]))
+    console.print(table)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from variants import _cache
+    from .show import plot, render, tuned_files
+
+    gpu = args.gpu
+    if gpu is None:
+        device = _device()
+        gpu = _cache.slug(_cache.device_name(device)) if device is not None and device.type == "cuda" else "all"
+    files = tuned_files(gpu)
+    if not files:
+        where = ", ".join(f"{label}: {path}" for label, path in _cache.search_dirs())
+        console.print(f"no tuned files for {gpu!r} (looked in {where}). Run `nf4-explorer tune` first.")
+        return 1
+    docs = [doc for doc in (render(path, console) for path in files) if doc]
+    if args.plot and docs:
+        plot(docs[0], Path(args.plot))
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import bench, loop_comparison, write_csv
     from .problems import expand, load_presets
@@ -185,6 +235,25 @@ def main(argv=None) -> int:
 
     check = sub.add_parser("check", help="exactness and time of every variant on this GPU (or the interpreter)")
     check.set_defaults(func=cmd_check)
+
+    tune = sub.add_parser("tune", help="tune every variant on this GPU and save the winners")
+    _problem_args(tune, "llm")
+    tune.add_argument("--variants", help="comma-separated variants (default: all registered)")
+    tune.add_argument("--driver", choices=["optuna", "exhaustive"], default="optuna",
+                      help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: triton.autotune over the whole space")
+    tune.add_argument("--trials", type=int, default=16, help="Optuna trials per variant and problem (default 16)")
+    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the user cache dir); share one "
+                      "database between workers, e.g. postgresql://user@host/db")
+    tune.add_argument("--output", help="directory for the tuned file (default: the user config dir; "
+                      "tuned_configs/ to ship it)")
+    tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    tune.set_defaults(func=cmd_tune)
+
+    show = sub.add_parser("show", help="the tuned winners per GPU and their margins")
+    show.add_argument("--gpu", help="GPU slug (e.g. nvidia-h100-80gb-hbm3) or 'all' (default: this GPU, else all)")
+    show.add_argument("--plot", help="PNG file: each variant's best GB/s per problem against the roofline")
+    show.set_defaults(func=cmd_show)
 
     bench = sub.add_parser("bench", help="time the dispatcher, every variant, bitsandbytes and torch on a GPU")
     _problem_args(bench, "issue + llm")

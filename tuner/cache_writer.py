@@ -1,0 +1,102 @@
+"""Writing tuned_configs/<gpu-slug>.json: merge under a file lock, atomic replace."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from filelock import FileLock
+
+import variants
+from variants import _cache
+
+
+def device_info(device: torch.device) -> dict:
+    """What the file records about the GPU and the software it was tuned with."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        capability, sm_count = [props.major, props.minor], props.multi_processor_count
+    else:
+        capability, sm_count = None, None
+    return {
+        "device_name": _cache.device_name(device),
+        "compute_capability": capability,
+        "sm_count": sm_count,
+        "torch_version": torch.__version__,
+        "triton_version": triton.__version__,
+    }
+
+
+def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
+    """Adds ``new_entries`` to the file at ``path`` (replacing entries with the same problem key),
+    under ``path.lock``, and writes it atomically (temp file + os.replace). Two tuners writing one
+    file lose nothing. Returns the written document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=600):
+        doc = _read_or_empty(path)
+        by_key = {_cache.entry_key(e): e for e in doc["entries"] if isinstance(e, dict) and _has_key(e)}
+        for entry in new_entries:
+            by_key[_cache.entry_key(entry)] = entry
+        doc.update(header)
+        doc["schema_version"] = _cache.SCHEMA_VERSION
+        doc["kernel_hashes"] = {name: _cache.kernel_hash(name) for name in variants.names()}
+        doc["entries"] = sorted(by_key.values(), key=_sort_key)
+        ordered = {"schema_version": doc.pop("schema_version"), **dict(sorted(doc.items()))}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(ordered, f, indent=2, sort_keys=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    return ordered
+
+
+def _has_key(entry: dict) -> bool:
+    return all(field in entry for field in ("quant_type", "blocksize", "double_quant", "out_dtype", "shape"))
+
+
+def _sort_key(entry: dict):
+    return (entry["quant_type"], entry["blocksize"], not entry["double_quant"], entry["out_dtype"], entry["shape"])
+
+
+def _read_or_empty(path: Path) -> dict:
+    """The current document, or a fresh one if the file is missing or unusable (a corrupt or
+    other-schema file is replaced, not merged)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"entries": []}
+    if _cache.validate_document(doc):
+        return {"entries": []}
+    return doc
+
+
+def make_entry(problem, winner: dict, others: dict, *, driver: str, trials: int, copy_gbps: float | None) -> dict:
+    """One file entry: the problem key, the winning variant/config and its numbers, every other
+    variant's best, the driver and trials spent."""
+    gbps = problem.bytes_moved() / (winner["time_us"] * 1e-6) / 1e9
+    return {
+        **problem.key(),
+        "variant": winner["variant"],
+        "config": winner["config"],
+        "time_us": round(winner["time_us"], 3),
+        "gbps": round(gbps, 1),
+        "pct_of_copy": round(100 * gbps / copy_gbps, 1) if copy_gbps else None,
+        "others": {
+            name: {"config": best["config"], "time_us": round(best["time_us"], 3)}
+            for name, best in sorted(others.items()) if name != winner["variant"]
+        },
+        "driver": driver,
+        "trials": trials,
+        "date": datetime.date.today().isoformat(),
+        "triton_version": _cache.triton_minor(),
+        "kernel_hash": _cache.kernel_hash(winner["variant"]),
+    }

@@ -1,0 +1,240 @@
+"""The search drivers: Optuna (default) and triton.autotune (exhaustive reference).
+
+Both search the spaces the variants declare. A candidate's output is checked against the reference
+once before it is timed; configs that fail to compile, run out of resources or give a wrong output
+are pruned (Optuna) or dropped (exhaustive), never picked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import variants
+from variants import _cache
+from variants._format import prepare
+
+from . import timing
+from .problems import Problem
+
+
+class CandidateFailed(Exception):
+    """A config that cannot be a winner: it did not compile, ran out of resources or was wrong."""
+
+
+@dataclasses.dataclass
+class Workload:
+    """One problem's inputs on the device, with its reference output and a poisoned output buffer."""
+
+    problem: Problem
+    packed: torch.Tensor
+    state: object
+    reference: torch.Tensor
+    out: torch.Tensor
+
+    @classmethod
+    def make(cls, problem: Problem, device) -> "Workload":
+        packed, state = problem.make_inputs(device)
+        reference = variants.reference_dequantize(packed, state)
+        return cls(problem, packed, state, reference, torch.empty_like(reference))
+
+
+def measure(workload: Workload, name: str, config: dict) -> float:
+    """Median µs of variant ``name`` at ``config``; raises CandidateFailed if it cannot run or is wrong."""
+    variant = variants.get(name)
+    args = prepare(workload.packed, workload.state, workload.out)
+    try:
+        workload.out.fill_(float("nan"))
+        variant.launch(args, config)
+        if workload.out.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:  # compile errors, out of resources, launch failures
+        raise CandidateFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+    if not torch.equal(workload.out, workload.reference):
+        raise CandidateFailed("wrong output")
+    return timing.median_us(lambda: variant.launch(args, config), device=workload.out.device)
+
+
+def study_name(device_slug: str, name: str, problem: Problem) -> str:
+    key = problem.key()
+    return (f"{device_slug}:{name}:{key['quant_type']}:bs{key['blocksize']}:dq{int(key['double_quant'])}:"
+            f"{key['out_dtype']}:{'x'.join(map(str, key['shape']))}")
+
+
+def default_storage() -> str:
+    """SQLite file in the user's cache directory: an interrupted tune resumes where it stopped."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "nf4-explorer" / "optuna.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, seed: int, device_slug: str,
+                  deadline: float | None, on_trial: Callable[[float | None], None]) -> tuple[dict | None, int]:
+    """Seeded TPE over the variant's space, in a study shared through ``storage``. Runs only the
+    trials the study still lacks (resume); returns (best {"config", "time_us"} or None, trials in study)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    variant = variants.get(name)
+    blocksize = workload.problem.blocksize
+    study = optuna.create_study(
+        study_name=study_name(device_slug, name, workload.problem), storage=storage, direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
+    )
+    space_size = len(variant.configs(blocksize))
+    budget = min(trials, space_size)
+    measured: dict[tuple, float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        measured[tuple(sorted(trial.params.items()))] = trial.value
+
+    def objective(trial):
+        config = {key: trial.suggest_categorical(key, list(values)) for key, values in variant.space.items()}
+        if not variant.allowed(config, blocksize):
+            raise optuna.TrialPruned("config not valid for this blocksize")
+        key = tuple(sorted(config.items()))
+        if key in measured:  # TPE re-suggests categorical points; do not re-time them
+            return measured[key]
+        try:
+            value = measure(workload, name, config)
+        except CandidateFailed as exc:
+            trial.set_user_attr("failure", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        measured[key] = value
+        return value
+
+    finished = lambda: len(study.get_trials(deepcopy=False, states=(
+        optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+    while finished() < budget and (deadline is None or time.time() < deadline):
+        study.optimize(objective, n_trials=1, catch=())
+        on_trial(_best_value(study))
+    best = _best(study)
+    return best, finished()
+
+
+def _best_value(study) -> float | None:
+    best = _best(study)
+    return best["time_us"] if best else None
+
+
+def _best(study) -> dict | None:
+    try:
+        trial = study.best_trial
+    except ValueError:  # no complete trial
+        return None
+    return {"config": dict(trial.params), "time_us": trial.value}
+
+
+def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[float | None], None]) -> tuple[dict | None, int]:
+    """triton.autotune over the variant's whole (valid) space; the winner's output is checked
+    against the reference. Returns (best, configs timed)."""
+    import triton
+
+    variant = variants.get(name)
+    configs = variant.configs(workload.problem.blocksize)
+    triton_configs = [
+        triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                      num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
+        for c in configs
+    ]
+    device = workload.out.device
+    timings: dict[int, float] = {}
+
+    def bench(fn, quantiles=None, **kwargs):
+        try:
+            value = timing.median_us(fn, device=device) / 1000.0
+        except Exception:
+            value = float("inf")
+        on_trial(min(timings.values(), default=None))
+        timings[len(timings)] = value * 1000.0
+        return [value, value, value] if quantiles else value
+
+    tuned = triton.autotune(configs=triton_configs, key=["n"], do_bench=bench)(variant.kernel)
+    args = prepare(workload.packed, workload.state, workload.out)
+    from variants._decode import QUANT_TYPE_IDS, launch_options
+    from variants._registry import device_table
+
+    tuned[lambda meta: variant.grid(args, meta)](
+        args.packed, args.absmax, args.code2, args.absmax2, args.offset,
+        device_table(args.quant_type, args.packed.device), args.out, args.n, args.n_rows, args.n_cols,
+        BLOCKSIZE=args.blocksize, NESTED_BLOCKSIZE=args.nested_blocksize, QUANT_TYPE=QUANT_TYPE_IDS[args.quant_type],
+        DOUBLE_QUANT=args.double_quant, **launch_options(),
+    )
+    best = tuned.best_config
+    config = {**best.kwargs, "num_warps": best.num_warps}
+    if "num_stages" in variant.space:
+        config["num_stages"] = best.num_stages
+    config = {k: config[k] for k in variant.space}
+    try:
+        time_us = measure(workload, name, config)
+    except CandidateFailed:
+        return None, len(configs)
+    return {"config": config, "time_us": time_us}, len(configs)
+
+
+def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", trials: int = 16,
+         timeout: float | None = None, storage: str | None = None, output_dir: Path | None = None,
+         seed: int = 0, device=None, console=None) -> tuple[Path, list[dict]]:
+    """Tunes every variant in ``names`` on every problem and merges the winners into this GPU's
+    tuned file in ``output_dir`` (default: $NF4_EXPLORER_CONFIG_DIR if set, else the user's config
+    directory: where the dispatcher looks first). Returns (file, new entries)."""
+    from tqdm import tqdm
+
+    from . import cache_writer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in names:
+        variants.get(name)  # unknown names fail before any work
+    device_slug = _cache.slug(_cache.device_name(device))
+    storage = storage or default_storage()
+    output_dir = Path(output_dir) if output_dir else _cache.search_dirs()[0][1]
+    path = output_dir / f"{device_slug}.json"
+    deadline = time.time() + timeout if timeout else None
+    copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    total = sum(
+        (len(variants.get(n).configs(p.blocksize)) if driver == "exhaustive" else min(trials, len(variants.get(n).configs(p.blocksize))))
+        for n in names for p in problems
+    )
+    entries = []
+    bar = tqdm(total=total, unit="trial", desc="tuning", dynamic_ncols=True)
+    try:
+        for index, problem in enumerate(problems, 1):
+            workload = Workload.make(problem, device)
+            bests, spent = {}, 0
+            for name in names:
+                bar.set_description(f"[{index}/{len(problems)}] {problem.label()} {name}")
+
+                def on_trial(best_us):
+                    bar.update(1)
+                    if best_us is not None:
+                        bar.set_postfix_str(f"best {best_us:.1f} µs")
+
+                if driver == "exhaustive":
+                    best, count = exhaustive_search(workload, name, on_trial=on_trial)
+                else:
+                    best, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
+                                                device_slug=device_slug, deadline=deadline, on_trial=on_trial)
+                spent += count
+                if best is not None:
+                    bests[name] = best
+            if bests:
+                winner_name = min(bests, key=lambda n: bests[n]["time_us"])
+                winner = {"variant": winner_name, **bests[winner_name]}
+                entries.append(cache_writer.make_entry(problem, winner, bests, driver=driver, trials=spent,
+                                                       copy_gbps=copy_gbps))
+            del workload
+            if deadline is not None and time.time() >= deadline:
+                break
+    finally:
+        bar.close()
+    header = cache_writer.device_info(device)
+    if copy_gbps:
+        header["copy_bandwidth_gbps"] = round(copy_gbps, 1)
+    if entries:
+        cache_writer.merge(path, entries, header)
+    return path, entries
