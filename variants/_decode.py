@@ -73,13 +73,20 @@ def decode_code(code, table_ptr, QUANT_TYPE: tl.constexpr, TABLE_IN_REGISTERS: t
 
 @triton.jit
 def load_absmax(
-    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask,
-    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, group,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUP_IS_SCALAR: tl.constexpr,
 ):
-    """float32 absmax of quantization block(s) ``block`` (an index tensor), decoding double quant."""
+    """float32 absmax of quantization block(s) ``block`` (an index tensor), decoding double quant.
+
+    GROUP_IS_SCALAR: every block of the call lies in nested group ``group`` (a scalar), so absmax2
+    is loaded once instead of once per element.
+    """
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        if GROUP_IS_SCALAR:
+            scale2 = tl.load(absmax2_ptr + group)
+        else:
+            scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
         absmax = tl.load(code2_ptr + q) * scale2
         absmax = absmax + tl.load(offset_ptr)
     else:
@@ -92,10 +99,14 @@ def dequantize_codes(
     codes, block, mask,
     absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr,
     NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    TABLE_IN_REGISTERS: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr, group=0, GROUP_IS_SCALAR: tl.constexpr = False,
 ):
-    """float32 weights for 4-bit ``codes`` whose quantization blocks are ``block``."""
-    absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    """float32 weights for 4-bit ``codes`` whose quantization blocks are ``block`` (see load_absmax
+    for ``group``/GROUP_IS_SCALAR)."""
+    absmax = load_absmax(
+        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, group, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        GROUP_IS_SCALAR,
+    )
     return decode_code(codes, table_ptr, QUANT_TYPE, TABLE_IN_REGISTERS) * absmax
 
 

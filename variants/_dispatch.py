@@ -19,9 +19,9 @@ from ._format import prepare
 
 ENV_VARIANT = "NF4_EXPLORER_VARIANT"
 
-# Built-in default, from what wins on an H100 (docs/performance.md): block_tile, one absmax per
-# tile row and 16-byte stores.
-DEFAULT_VARIANT = "block_tile"
+# Built-in default, from what wins on an H100 (docs/performance.md): word_unpack, 32-bit word loads
+# unpacked straight into 16-byte stores.
+DEFAULT_VARIANT = "word_unpack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ def dequantize(
     args = prepare(packed, state, out)
     choice = _resolve(args, variant, config)
     _registry.get(choice.variant).launch(args, choice.config)
-    return out if out is not None else args.out.view(state.shape)
+    return args.out
 
 
 def explain(packed: torch.Tensor, state: Any, *, variant: str | None = None, config: Mapping | None = None) -> Choice:

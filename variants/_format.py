@@ -79,8 +79,8 @@ class QuantState:
 class DequantArgs:
     """A validated problem, ready for any variant's launcher.
 
-    Every tensor is contiguous and on one device; ``packed`` is flat uint8 [ceil(n/2)] and
-    ``out`` is flat [n]. For 2-D variants the weight is seen as ``n_rows x n_cols``
+    Every tensor is contiguous and on one device; ``packed`` holds ceil(n/2) uint8 and ``out`` n
+    elements (any shapes: kernels index them flat). For 2-D variants the weight is seen as ``n_rows x n_cols``
     (the last dimension of the shape is ``n_cols``).
     """
 
@@ -226,13 +226,15 @@ def prepare(
         # slice starting mid-buffer) is copied once to an aligned buffer.
         packed = packed.clone()
     n_cols = shape[-1] if len(shape) else 1
+    # Kernels index flat memory through data pointers: contiguous tensors need no reshaping (views
+    # cost microseconds per call, which matter at small shapes).
     return DequantArgs(
-        packed=packed.view(-1),
-        absmax=_contiguous(absmax).view(-1),
-        code2=_contiguous(code2).view(-1),
-        absmax2=_contiguous(absmax2).view(-1),
-        offset=offset.reshape(-1),
-        out=out.view(-1),
+        packed=packed,
+        absmax=_contiguous(absmax),
+        code2=_contiguous(code2),
+        absmax2=_contiguous(absmax2),
+        offset=offset,
+        out=out,
         n=n,
         n_rows=n // n_cols,
         n_cols=n_cols,

@@ -177,9 +177,10 @@ def reference_dequantize(packed: torch.Tensor, state, *, out: torch.Tensor | Non
     """
     args = prepare(packed, state, out, for_kernel=False)
     n = args.n
-    nibbles = torch.stack((args.packed >> 4, args.packed & 0xF), dim=1).reshape(-1)[:n].long()
+    packed = args.packed.reshape(-1)
+    nibbles = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n].long()
     absmax = reference_absmax(state).reshape(-1).to(args.packed.device)
     scale = absmax[torch.arange(n, device=nibbles.device) // args.blocksize]
     values = table(args.quant_type, nibbles.device)[nibbles] * scale
-    args.out.copy_(values.to(args.out.dtype))
-    return args.out.view(state.shape)
+    args.out.copy_(values.to(args.out.dtype).view(args.out.shape))
+    return args.out

@@ -82,20 +82,75 @@ class Variant:
 
     def launch(self, args: DequantArgs, config: Mapping) -> None:
         """Launches the kernel on ``args`` with ``config`` (no validation of the config: see check_config)."""
-        meta = {k: v for k, v in config.items() if k not in LAUNCH_PARAMS}
-        self.kernel[self.grid(args, config)](
-            args.packed, args.absmax, args.code2, args.absmax2, args.offset,
-            device_table(args.quant_type, args.packed.device), args.out,
+        grid = self.grid(args, config)
+        table = device_table(args.quant_type, args.packed.device)
+        constexprs = {
+            "BLOCKSIZE": args.blocksize, "NESTED_BLOCKSIZE": args.nested_blocksize,
+            "QUANT_TYPE": QUANT_TYPE_IDS[args.quant_type], "DOUBLE_QUANT": args.double_quant,
+            **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
+        }
+        key = _fast_key(self.name, args, config) if args.packed.is_cuda else None
+        compiled = _COMPILED.get(key) if key is not None else None
+        if compiled is not None and _fast_launch(compiled, grid, args, table, constexprs, self.kernel.arg_names):
+            return
+        compiled = self.kernel[grid](
+            args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
             args.n, args.n_rows, args.n_cols,
-            BLOCKSIZE=args.blocksize,
-            NESTED_BLOCKSIZE=args.nested_blocksize,
-            QUANT_TYPE=QUANT_TYPE_IDS[args.quant_type],
-            DOUBLE_QUANT=args.double_quant,
-            num_warps=config.get("num_warps", 4),
-            num_stages=config.get("num_stages", 1),
-            **meta,
-            **launch_options(),
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
+            **constexprs, **launch_options(),
         )
+        if key is not None and _FAST_LAUNCH_OK[0]:
+            _COMPILED[key] = compiled
+
+
+# Fast launch path. Triton's JITFunction launch binds and specializes every argument on every call
+# (~90 µs per call measured on the H100 machine, triton 3.6), which dominates small shapes. After
+# the first launch of a (variant, config, problem specialization) the compiled kernel is kept and
+# later calls go straight to its launcher. The key holds everything Triton specializes on: dtypes,
+# constexprs, 16-byte alignment of every pointer, and ints equal to 1, divisible by 16 or >= 2^31.
+_COMPILED: dict[tuple, object] = {}
+_FAST_LAUNCH_OK = [True]  # turned off for good if this Triton's compiled-kernel API differs
+
+
+def _int_spec(x: int) -> tuple:
+    return (x == 1, x % 16 == 0, x >= 2**31)
+
+
+def _fast_key(name: str, args: DequantArgs, config: Mapping) -> tuple | None:
+    if not _FAST_LAUNCH_OK[0]:
+        return None
+    pointers = (args.packed, args.absmax, args.code2, args.absmax2, args.offset, args.out)
+    return (
+        name, tuple(config.items()), args.quant_type, args.blocksize, args.nested_blocksize, args.double_quant,
+        args.out_dtype, args.absmax.dtype, args.packed.device.index,
+        tuple(t.data_ptr() % 16 == 0 for t in pointers),
+        _int_spec(args.n), _int_spec(args.n_rows), _int_spec(args.n_cols),
+    )
+
+
+def _fast_launch(compiled, grid, args: DequantArgs, table, constexprs: dict, arg_names) -> bool:
+    """Launches an already-compiled kernel directly; False (and the slow path from then on) if this
+    Triton's CompiledKernel does not have the expected launcher."""
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+
+        values = {
+            "packed_ptr": args.packed, "absmax_ptr": args.absmax, "code2_ptr": args.code2,
+            "absmax2_ptr": args.absmax2, "offset_ptr": args.offset, "table_ptr": table, "out_ptr": args.out,
+            "n": args.n, "n_rows": args.n_rows, "n_cols": args.n_cols, **constexprs,
+        }
+        ordered = [values[name] for name in arg_names]
+        stream = driver.active.get_current_stream(args.packed.device.index)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        metadata = compiled.launch_metadata(grid, stream, *ordered)
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *ordered)
+        return True
+    except (AttributeError, TypeError, ImportError):
+        _FAST_LAUNCH_OK[0] = False
+        _COMPILED.clear()
+        return False
 
 
 _REGISTRY: dict[str, Variant] = {}

@@ -25,8 +25,8 @@ def block_tile_kernel(
     byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
     # BYTES divides BLOCKSIZE // 2 (see `allowed`), so one absmax per tile row.
     absmax = load_absmax(
-        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_start // (BLOCKSIZE // 2), row_start < n_bytes,
-        NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_start // (BLOCKSIZE // 2), row_start < n_bytes, 0,
+        NESTED_BLOCKSIZE, DOUBLE_QUANT, False,
     )
     high = decode_code(byte >> 4, table_ptr, QUANT_TYPE, TABLE_IN_REGISTERS) * absmax[:, None]
     low = decode_code(byte & 0xF, table_ptr, QUANT_TYPE, TABLE_IN_REGISTERS) * absmax[:, None]

@@ -20,18 +20,24 @@ def word_unpack_kernel(
     full_words = ((n + 1) // 2) // 4
     word = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
     word_mask = word < full_words
-    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + word, mask=word_mask, other=0)
+    # Packed codes and outputs are touched once: stream them past L2 (the absmax tables stay).
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + word, mask=word_mask, other=0,
+                    eviction_policy="evict_first")
     # Element j of a word: byte j // 2 (little-endian), high nibble first.
     j = tl.arange(0, 8)
     shifts = (j // 2) * 8 + (1 - j % 2) * 4
     codes = (words[:, None] >> shifts[None, :]) & 0xF
-    # 8 | BLOCKSIZE, so the 8 elements of a word share one absmax.
+    # 8 | BLOCKSIZE, so the 8 elements of a word share one absmax. When a program's words all lie
+    # in one nested group (8 * WORDS divides NESTED_BLOCKSIZE * BLOCKSIZE), absmax2 is one scalar.
+    GROUP_IS_SCALAR: tl.constexpr = (NESTED_BLOCKSIZE * BLOCKSIZE) % (8 * WORDS) == 0
+    group = (tl.program_id(0).to(tl.int64) * (8 * WORDS)) // (NESTED_BLOCKSIZE * BLOCKSIZE)
     values = dequantize_codes(
         codes, (word // (BLOCKSIZE // 8))[:, None], word_mask[:, None], absmax_ptr, code2_ptr, absmax2_ptr,
         offset_ptr, table_ptr, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, TABLE_IN_REGISTERS,
+        group, GROUP_IS_SCALAR,
     )
     idx = word[:, None] * 8 + j[None, :]
-    tl.store(out_ptr + idx, to_output(values, out_ptr), mask=word_mask[:, None])
+    tl.store(out_ptr + idx, to_output(values, out_ptr), mask=word_mask[:, None], eviction_policy="evict_first")
     if tl.program_id(0) == tl.num_programs(0) - 1:
         tail = full_words * 8 + j.to(tl.int64)
         tail_mask = tail < n
