@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output (logs, CI) is not cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _device():

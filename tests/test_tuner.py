@@ -1,0 +1,210 @@
+"""The tuning pipeline on the CPU (interpreter, tiny shapes): drivers, the tuned file, the
+dispatcher's fallback chain, concurrent writers, resume, and the CLI."""
+
+import json
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+
+import variants
+from variants import _cache, _dispatch
+from tuner import cache_writer, cli
+from tuner.problems import Problem, expand, load_presets, parse_shapes
+from tuner.tune import Workload, optuna_search, tune
+from helpers import assert_bit_equal
+
+TINY = Problem((8, 64), "bfloat16", 64, True, "nf4")
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "tuned"
+    monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(directory))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return directory
+
+
+def _inputs(problem=TINY):
+    return problem.make_inputs("cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def _fake_gpu(monkeypatch, name="Fake GPU 9000"):
+    monkeypatch.setattr(_cache, "device_name", lambda device: name)
+    return _cache.slug(name)
+
+
+def _entry(problem, variant, config, **extra):
+    return {**problem.key(), "variant": variant, "config": config, "time_us": 1.0, "gbps": 1.0, "pct_of_copy": 1.0,
+            "others": {}, "driver": "test", "trials": 1, "date": "2026-11-27",
+            "triton_version": _cache.triton_minor(), "kernel_hash": _cache.kernel_hash(variant), **extra}
+
+
+def _write(path, entries, **top):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema_version": 1, "device_name": "Fake GPU 9000", "entries": entries, **top}))
+
+
+def test_optuna_pipeline_writes_a_file_the_dispatcher_follows(config_dir, device):
+    path, entries = tune([TINY], names=["where_gather", "word_unpack"], trials=3, device=device)
+    assert path.parent == config_dir and path.is_file()
+    doc = json.loads(path.read_text())
+    assert list(doc)[0] == "schema_version" and not _cache.validate_document(doc)
+    (entry,) = doc["entries"]
+    assert entry["driver"] == "optuna" and entry["variant"] in ("where_gather", "word_unpack")
+    assert set(entry["others"]) | {entry["variant"]} == {"where_gather", "word_unpack"}
+    assert entry["kernel_hash"] == _cache.kernel_hash(entry["variant"])
+    packed, state = _inputs()
+    _dispatch.reset()
+    choice = variants.explain(packed, state)
+    assert (choice.variant, dict(choice.config), choice.reason) == (entry["variant"], entry["config"], "tuned (exact)")
+    assert_bit_equal(variants.dequantize(packed, state), variants.reference_dequantize(packed, state))
+
+
+def test_exhaustive_driver_times_the_whole_space(config_dir, device):
+    _, (entry,) = tune([TINY], names=["word_unpack"], driver="exhaustive", device=device)
+    assert entry["driver"] == "exhaustive"
+    assert entry["trials"] == len(variants.get("word_unpack").configs(64))
+    variants.get("word_unpack").check_config(entry["config"], 64)
+
+
+def test_interrupted_optuna_study_resumes(config_dir, device, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    workload = Workload.make(TINY, device)
+    kwargs = dict(storage=storage, seed=0, device_slug="fake", deadline=None, on_trial=lambda best: None)
+    _, first = optuna_search(workload, "where_gather", trials=2, **kwargs)
+    _, second = optuna_search(workload, "where_gather", trials=5, **kwargs)
+    assert (first, second) == (2, 5)  # the second run adds 3 trials, it does not start over
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 5
+
+
+def _merge_worker(path, shape):
+    entry = _entry(Problem(shape, "bfloat16"), "word_unpack", variants.get("word_unpack").default_config(64))
+    cache_writer.merge(path, [entry], {"device_name": "Fake GPU 9000"})
+
+
+def test_two_writers_lose_no_entry(tmp_path):
+    path = tmp_path / "fake-gpu-9000.json"
+    context = multiprocessing.get_context("spawn")
+    shapes = [(16 * (i + 1), 64) for i in range(8)]
+    processes = [context.Process(target=_merge_worker, args=(path, s)) for s in shapes]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+        assert p.exitcode == 0
+    doc = json.loads(path.read_text())
+    assert sorted(tuple(e["shape"]) for e in doc["entries"]) == sorted(shapes)
+
+
+def test_exact_then_nearest_bucket_then_default(config_dir, monkeypatch):
+    slug = _fake_gpu(monkeypatch)
+    tuned = Problem((8, 64), "bfloat16")
+    config = {"BLOCK": 512, "TABLE_IN_REGISTERS": True, "num_warps": 2}
+    _write(config_dir / f"{slug}.json", [_entry(tuned, "where_gather", config)])
+    packed, state = _inputs(tuned)
+    exact = variants.explain(packed, state)
+    assert (exact.variant, dict(exact.config), exact.reason) == ("where_gather", config, "tuned (exact)")
+    packed, state = _inputs(Problem((32, 64), "bfloat16"))
+    assert variants.explain(packed, state).reason == "tuned (nearest bucket)"
+    packed, state = _inputs(Problem((8, 64), "float16"))  # no entry of this dtype
+    default = variants.explain(packed, state)
+    assert (default.variant, default.reason) == (_dispatch.DEFAULT_VARIANT, "default")
+
+
+def test_overrides_win(config_dir, monkeypatch):
+    packed, state = _inputs()
+    monkeypatch.setenv("NF4_EXPLORER_VARIANT", "per_row")
+    assert (variants.explain(packed, state).variant, variants.explain(packed, state).reason) == ("per_row", "environment")
+    choice = variants.explain(packed, state, variant="tiled_2d")
+    assert (choice.variant, choice.reason) == ("tiled_2d", "argument")
+
+
+@pytest.mark.parametrize("content, cause", [
+    ("{not json", "cannot be read"),
+    ('{"schema_version": 1, "entries": [', "cannot be read"),  # truncated
+    ('{"schema_version": 99, "entries": []}', "schema_version is 99"),
+    ("[]", "top level is not a JSON object"),
+    (b"\xff\xfe\x00", "cannot be read"),
+])
+def test_broken_file_warns_once_and_falls_back(config_dir, monkeypatch, content, cause):
+    slug = _fake_gpu(monkeypatch)
+    config_dir.mkdir(parents=True)
+    path = config_dir / f"{slug}.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    packed, state = _inputs()
+    expected = variants.reference_dequantize(packed, state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert_bit_equal(variants.dequantize(packed, state), expected)
+    messages = [str(w.message) for w in caught if "nf4-explorer" in str(w.message)]
+    assert len(messages) == 1 and str(path) in messages[0] and cause in messages[0]
+    assert variants.explain(packed, state).reason == "default"
+
+
+@pytest.mark.parametrize("stale, cause", [
+    (dict(triton_version="2.9"), "tuned with Triton 2.9"),
+    (dict(kernel_hash="0" * 16), "changed since it was tuned"),
+    (dict(variant="retired_variant"), "unknown variant"),
+    (dict(config={"BLOCK": 3}), "invalid config"),
+])
+def test_stale_entries_are_ignored_with_one_warning(config_dir, monkeypatch, stale, cause):
+    slug = _fake_gpu(monkeypatch)
+    entry = _entry(TINY, "where_gather", {"BLOCK": 512, "TABLE_IN_REGISTERS": True, "num_warps": 2})
+    entry.update(stale)
+    _write(config_dir / f"{slug}.json", [entry])
+    packed, state = _inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_bit_equal(variants.dequantize(packed, state), variants.reference_dequantize(packed, state))
+        variants.dequantize(packed, state)
+    messages = [str(w.message) for w in caught if "nf4-explorer" in str(w.message)]
+    assert len(messages) == 1 and cause in messages[0]
+    assert variants.explain(packed, state).reason == "default"
+
+
+def test_merge_replaces_a_corrupt_file_and_keeps_order(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("garbage")
+    doc = cache_writer.merge(path, [_entry(TINY, "per_row", variants.get("per_row").default_config(64))], {})
+    assert list(doc)[0] == "schema_version" and len(doc["entries"]) == 1
+    assert json.loads(path.read_text()) == doc
+
+
+def test_presets_and_shapes():
+    presets = load_presets()
+    llm = expand(presets["llm"])
+    assert {p.dtype for p in llm} == {"bfloat16", "float16"} and all(p.blocksize == 64 and p.double_quant for p in llm)
+    assert Problem((14336, 4096), "bfloat16") in llm and Problem((8192, 28672), "float16") in llm
+    assert parse_shapes("4096x14336, 1024x4096") == [(4096, 14336), (1024, 4096)]
+    with pytest.raises(ValueError, match="ROWSxCOLS"):
+        parse_shapes("4096by14336")
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(width=300))
+
+
+def test_cli_tune_show_check(config_dir, capsys, tmp_path, wide_console):
+    assert cli.main(["tune", "--preset", "tiny", "--shapes", "4x64", "--trials", "2", "--variants", "where_gather"]) == 0
+    assert cli.main(["show", "--gpu", "all", "--plot", str(tmp_path / "show.png")]) == 0
+    output = capsys.readouterr().out
+    assert "where_gather" in output and "4x64 nf4 bs64 dq bfloat16" in output
+    assert (tmp_path / "show.png").stat().st_size > 1000
+    assert cli.main(["check"]) == 0
+    assert "all variants exact" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_preset_and_variant(config_dir, capsys, wide_console):
+    with pytest.raises(SystemExit, match="unknown preset"):
+        cli.main(["tune", "--preset", "nope"])
+    assert cli.main(["tune", "--preset", "tiny", "--variants", "nope", "--trials", "1"]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().out
