@@ -68,17 +68,21 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
             )
         if bnb is not None:
             providers["bitsandbytes"] = ("", lambda: bnb.dequantize_4bit(packed, state))
+        # Anchor: a device copy moving the same number of bytes (read + write), timed the same way.
+        # It pays the same fixed costs as a kernel of this size (launch, ramp, the L2 flush's
+        # write-back), so it is the practical floor at this size.
+        copy_src = torch.empty(problem.bytes_moved() // 2, dtype=torch.uint8, device=device)
+        copy_dst = torch.empty_like(copy_src)
         if torch_reference:
             providers["torch reference"] = ("", lambda: variants.reference_dequantize(packed, state, out=out))
-        problem_rows = []
+        problem_rows = [_row(problem, "copy (same bytes)", "", timing.median_us(lambda: copy_dst.copy_(copy_src)), copy_gbps)]
+        del copy_src, copy_dst
         for provider, (config, fn) in providers.items():
             out.fill_(float("nan"))
             result = fn()
             if not torch.equal(result, reference):
                 raise AssertionError(f"{provider} is not bit-exact on {problem.label()}: benchmark aborted")
-            us = timing.median_us(fn)
-            gbps = problem.bytes_moved() / (us * 1e-6) / 1e9
-            problem_rows.append(Row(problem.label(), provider, config, us, gbps, 100 * gbps / copy_gbps))
+            problem_rows.append(_row(problem, provider, config, timing.median_us(fn), copy_gbps))
         bnb_us = next((r.us for r in problem_rows if r.provider == "bitsandbytes"), None)
         for row in problem_rows:
             row.speedup_vs_bnb = bnb_us / row.us if bnb_us else None
@@ -87,6 +91,11 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
             progress(problem)
         del packed, state, out, reference
     return copy_gbps, rows
+
+
+def _row(problem: Problem, provider: str, config: str, us: float, copy_gbps: float) -> Row:
+    gbps = problem.bytes_moved() / (us * 1e-6) / 1e9
+    return Row(problem.label(), provider, config, us, gbps, 100 * gbps / copy_gbps)
 
 
 def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 1000) -> dict[str, float]:
