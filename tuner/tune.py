@@ -202,6 +202,9 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
         (len(variants.get(n).configs(p.blocksize)) if driver == "exhaustive" else min(trials, len(variants.get(n).configs(p.blocksize))))
         for n in names for p in problems
     )
+    header = cache_writer.device_info(device)
+    if copy_gbps:
+        header["copy_bandwidth_gbps"] = round(copy_gbps, 1)
     entries = []
     bar = tqdm(total=total, unit="trial", desc="tuning", dynamic_ncols=True)
     try:
@@ -229,14 +232,11 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                 winner = {"variant": winner_name, **bests[winner_name]}
                 entries.append(cache_writer.make_entry(problem, winner, bests, driver=driver, trials=spent,
                                                        copy_gbps=copy_gbps))
+                # Written after every problem: an interrupted tune keeps what it finished.
+                cache_writer.merge(path, entries[-1:], header)
             del workload
             if deadline is not None and time.time() >= deadline:
                 break
     finally:
         bar.close()
-    header = cache_writer.device_info(device)
-    if copy_gbps:
-        header["copy_bandwidth_gbps"] = round(copy_gbps, 1)
-    if entries:
-        cache_writer.merge(path, entries, header)
     return path, entries
