@@ -29,7 +29,7 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], roofline: fl
     ax.set_ylabel("effective bandwidth (GB/s, bytes read + written)")
     ax.set_xlabel("problem (shape, format, output dtype)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

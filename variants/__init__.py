@@ -18,6 +18,7 @@ from ._format import QuantState
 from ._reference import quantize, reference_dequantize
 from ._registry import Variant, get, names, register
 from ._dispatch import Choice, dequantize, explain
+from ._op import patch_bitsandbytes
 
 # Every public module of this package is a variant that registers itself: adding a variant is
 # adding one file.
@@ -26,6 +27,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Choice", "QuantState", "Variant", "dequantize", "explain", "get", "names", "quantize",
+    "Choice", "QuantState", "Variant", "dequantize", "explain", "get", "names", "patch_bitsandbytes", "quantize",
     "reference_dequantize", "register",
 ]

@@ -135,6 +135,14 @@ def dequantize(
         TypeError / ValueError naming the problem and the fix (wrong dtype, sizes, devices, unknown
         variant or config, CPU tensors without TRITON_INTERPRET=1).
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile the whole call is one opaque custom op (see _op.py).
+        if out is not None or variant is not None or config is not None:
+            raise ValueError("under torch.compile, dequantize takes no out=/variant=/config=: set "
+                             "$NF4_EXPLORER_VARIANT or tune instead")
+        from ._op import call_op
+
+        return call_op(packed, state)
     args = prepare(packed, state, out)
     choice = _resolve(args, variant, config)
     _registry.get(choice.variant).launch(args, choice.config)
