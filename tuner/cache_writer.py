@@ -33,15 +33,20 @@ def device_info(device: torch.device) -> dict:
 
 
 def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
-    """Adds ``new_entries`` to the file at ``path`` (replacing entries with the same problem key),
-    under ``path.lock``, and writes it atomically (temp file + os.replace). Two tuners writing one
-    file lose nothing. Returns the written document."""
+    """Adds ``new_entries`` to the file at ``path`` under ``path.lock`` and writes it atomically
+    (temp file + os.replace). Two tuners writing one file lose nothing. An entry replaces the one
+    with the same problem key unless that one is still valid (current kernels and Triton) and
+    faster: merges commute, so workers of one shared study end on its best trials whatever order
+    they finish in. Returns the written document."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=600):
         doc = _read_or_empty(path)
         by_key = {_cache.entry_key(e): e for e in doc["entries"] if isinstance(e, dict) and _has_key(e)}
         for entry in new_entries:
-            by_key[_cache.entry_key(entry)] = entry
+            key = _cache.entry_key(entry)
+            old = by_key.get(key)
+            if old is None or _cache.entry_problem(old) is not None or entry["time_us"] <= old.get("time_us", float("inf")):
+                by_key[key] = entry
         doc.update(header)
         doc["schema_version"] = _cache.SCHEMA_VERSION
         doc["kernel_hashes"] = {name: _cache.kernel_hash(name) for name in variants.names()}

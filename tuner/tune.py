@@ -76,6 +76,28 @@ def default_storage() -> str:
     return f"sqlite:///{path}"
 
 
+_STORAGES: dict[str, object] = {}
+
+
+def open_storage(url: str):
+    """Optuna RDB storage for ``url``, opened once per process. Several workers starting together
+    on one fresh database race to create Optuna's tables (a duplicate-type error on PostgreSQL):
+    the loser retries after the winner has finished."""
+    import optuna
+    import sqlalchemy.exc
+
+    if url not in _STORAGES:
+        for attempt in range(10):
+            try:
+                _STORAGES[url] = optuna.storages.RDBStorage(url)
+                break
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+                if attempt == 9:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    return _STORAGES[url]
+
+
 def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, seed: int, device_slug: str,
                   deadline: float | None, on_trial: Callable[[float | None], None]) -> tuple[dict | None, int]:
     """Seeded TPE over the variant's space, in a study shared through ``storage``. Runs only the
@@ -86,7 +108,7 @@ def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, s
     variant = variants.get(name)
     blocksize = workload.problem.blocksize
     study = optuna.create_study(
-        study_name=study_name(device_slug, name, workload.problem), storage=storage, direction="minimize",
+        study_name=study_name(device_slug, name, workload.problem), storage=open_storage(storage), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
     )
     space_size = len(variant.configs(blocksize))
