@@ -86,3 +86,14 @@ def test_double_quant_absmax_rounds_multiply_then_add():
                                 dtype=torch.float32, blocksize=32, offset=torch.tensor(-1.0), state2=state2)
     product = torch.tensor(1.0 + 2**-23) * torch.tensor(1.0 + 2**-23)  # rounds to 1 + 2**-22
     assert reference_absmax(state).item() == (product - 1.0).item() == 2**-22
+
+
+@pytest.mark.parametrize("name", variants.names())
+def test_variant_follows_the_shared_kernel_interface(name):
+    """The launcher passes the runtime arguments first, in this order, then constexprs by name."""
+    variant = variants.get(name)
+    arg_names = variant.kernel.arg_names
+    assert arg_names[:10] == ["packed_ptr", "absmax_ptr", "code2_ptr", "absmax2_ptr", "offset_ptr", "table_ptr",
+                              "out_ptr", "n", "n_rows", "n_cols"]
+    assert arg_names[10:14] == ["BLOCKSIZE", "NESTED_BLOCKSIZE", "QUANT_TYPE", "DOUBLE_QUANT"]
+    assert set(arg_names[14:]) == set(variant.space) - {"num_warps", "num_stages"}

@@ -178,17 +178,13 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
         timings[len(timings)] = value * 1000.0
         return [value, value, value] if quantiles else value
 
+    from variants._decode import launch_options
+    from variants._registry import kernel_arguments
+
     tuned = triton.autotune(configs=triton_configs, key=["n"], do_bench=bench)(variant.kernel)
     args = prepare(workload.packed, workload.state, workload.out)
-    from variants._decode import QUANT_TYPE_IDS, launch_options
-    from variants._registry import device_table
-
-    tuned[lambda meta: variant.grid(args, meta)](
-        args.packed, args.absmax, args.code2, args.absmax2, args.offset,
-        device_table(args.quant_type, args.packed.device), args.out, args.n, args.n_rows, args.n_cols,
-        BLOCKSIZE=args.blocksize, NESTED_BLOCKSIZE=args.nested_blocksize, QUANT_TYPE=QUANT_TYPE_IDS[args.quant_type],
-        DOUBLE_QUANT=args.double_quant, **launch_options(),
-    )
+    runtime, constexprs = kernel_arguments(args)
+    tuned[lambda meta: variant.grid(args, meta)](*runtime, **constexprs, **launch_options())
     best = tuned.best_config
     config = {**best.kwargs, "num_warps": best.num_warps}
     if "num_stages" in variant.space:
@@ -220,10 +216,11 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     path = output_dir / f"{device_slug}.json"
     deadline = time.time() + timeout if timeout else None
     copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
-    total = sum(
-        (len(variants.get(n).configs(p.blocksize)) if driver == "exhaustive" else min(trials, len(variants.get(n).configs(p.blocksize))))
-        for n in names for p in problems
-    )
+    def budget(name: str, problem: Problem) -> int:
+        space = len(variants.get(name).configs(problem.blocksize))
+        return space if driver == "exhaustive" else min(trials, space)
+
+    total = sum(budget(n, p) for n in names for p in problems)
     header = cache_writer.device_info(device)
     if copy_gbps:
         header["copy_bandwidth_gbps"] = round(copy_gbps, 1)

@@ -83,20 +83,15 @@ class Variant:
     def launch(self, args: DequantArgs, config: Mapping) -> None:
         """Launches the kernel on ``args`` with ``config`` (no validation of the config: see check_config)."""
         grid = self.grid(args, config)
-        table = device_table(args.quant_type, args.packed.device)
-        constexprs = {
-            "BLOCKSIZE": args.blocksize, "NESTED_BLOCKSIZE": args.nested_blocksize,
-            "QUANT_TYPE": QUANT_TYPE_IDS[args.quant_type], "DOUBLE_QUANT": args.double_quant,
-            **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
-        }
+        runtime, constexprs = kernel_arguments(args)
+        constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
         key = _fast_key(self.name, args, config) if args.packed.is_cuda else None
         compiled = _COMPILED.get(key) if key is not None else None
-        if compiled is not None and _fast_launch(compiled, grid, args, table, constexprs, self.kernel.arg_names):
+        if compiled is not None and _fast_launch(compiled, grid, runtime, constexprs, self.kernel.arg_names,
+                                                 args.packed.device.index):
             return
         compiled = self.kernel[grid](
-            args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
-            args.n, args.n_rows, args.n_cols,
-            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
+            *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
             **constexprs, **launch_options(),
         )
         if key is not None and _FAST_LAUNCH_OK[0]:
@@ -128,20 +123,29 @@ def _fast_key(name: str, args: DequantArgs, config: Mapping) -> tuple | None:
     )
 
 
-def _fast_launch(compiled, grid, args: DequantArgs, table, constexprs: dict, arg_names) -> bool:
+def kernel_arguments(args: DequantArgs) -> tuple[list, dict]:
+    """The shared kernel interface for ``args``: runtime arguments in order, and the problem's
+    constexprs (a variant's config adds its own)."""
+    table = device_table(args.quant_type, args.packed.device)
+    runtime = [args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
+               args.n, args.n_rows, args.n_cols]
+    constexprs = {
+        "BLOCKSIZE": args.blocksize, "NESTED_BLOCKSIZE": args.nested_blocksize,
+        "QUANT_TYPE": QUANT_TYPE_IDS[args.quant_type], "DOUBLE_QUANT": args.double_quant,
+    }
+    return runtime, constexprs
+
+
+def _fast_launch(compiled, grid, runtime: list, constexprs: dict, arg_names, device_index) -> bool:
     """Launches an already-compiled kernel directly; False (and the slow path from then on) if this
     Triton's CompiledKernel does not have the expected launcher."""
     try:
         from triton import knobs
         from triton.runtime import driver
 
-        values = {
-            "packed_ptr": args.packed, "absmax_ptr": args.absmax, "code2_ptr": args.code2,
-            "absmax2_ptr": args.absmax2, "offset_ptr": args.offset, "table_ptr": table, "out_ptr": args.out,
-            "n": args.n, "n_rows": args.n_rows, "n_cols": args.n_cols, **constexprs,
-        }
-        ordered = [values[name] for name in arg_names]
-        stream = driver.active.get_current_stream(args.packed.device.index)
+        # Runtime arguments come first in every kernel's signature, then the constexprs by name.
+        ordered = runtime + [constexprs[name] for name in arg_names[len(runtime):]]
+        stream = driver.active.get_current_stream(device_index)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         metadata = compiled.launch_metadata(grid, stream, *ordered)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
