@@ -44,7 +44,7 @@ class Choice:
         return f"{self.variant} {dict(self.config)} [{self.reason}{where}{more}]"
 
 
-_memo: dict[tuple, Choice] = {}
+_memo: dict[tuple, tuple] = {}  # problem key -> (Choice, Variant)
 _entries_by_device: dict[str, tuple[str, list[dict]]] = {}
 
 
@@ -93,20 +93,20 @@ def _problem_key(args, device) -> tuple:
     return (device, args.quant_type, args.blocksize, args.double_quant, args.out_dtype, args.n_rows, args.n_cols)
 
 
-def _resolve(args, variant: str | None, config: Mapping | None) -> Choice:
+def _resolve(args, variant: str | None, config: Mapping | None) -> tuple[Choice, "_registry.Variant"]:
     if variant is not None or config is not None:
         if variant is None:
             raise ValueError("config= needs variant=: a config belongs to one variant")
         chosen = _registry.get(variant)
         config = dict(config) if config is not None else chosen.default_config(args.blocksize)
         chosen.check_config(config, args.blocksize)
-        return Choice(chosen.name, config, "argument")
-    device = args.packed.device
-    key = _problem_key(args, device)
-    choice = _memo.get(key)
-    if choice is None:
-        choice = _memo[key] = _choose(args, device)
-    return choice
+        return Choice(chosen.name, config, "argument"), chosen
+    key = _problem_key(args, args.device)
+    resolved = _memo.get(key)
+    if resolved is None:
+        choice = _choose(args, args.device)
+        resolved = _memo[key] = (choice, _registry.get(choice.variant))
+    return resolved
 
 
 def dequantize(
@@ -144,12 +144,12 @@ def dequantize(
 
         return call_op(packed, state)
     args = prepare(packed, state, out)
-    choice = _resolve(args, variant, config)
-    _registry.get(choice.variant).launch(args, choice.config)
+    choice, chosen = _resolve(args, variant, config)
+    chosen.launch(args, choice.config)
     return args.out
 
 
 def explain(packed: torch.Tensor, state: Any, *, variant: str | None = None, config: Mapping | None = None) -> Choice:
     """The :class:`Choice` that ``dequantize(packed, state, variant=..., config=...)`` would run."""
     args = prepare(packed, state, None, allocate=False)
-    return _resolve(args, variant, config)
+    return _resolve(args, variant, config)[0]

@@ -98,6 +98,7 @@ class DequantArgs:
     quant_type: str
     double_quant: bool
     out_dtype: torch.dtype
+    device: torch.device
 
 
 def interpreter_enabled() -> bool:
@@ -243,4 +244,5 @@ def prepare(
         quant_type=quant_type,
         double_quant=state2 is not None,
         out_dtype=dtype,
+        device=device,
     )

@@ -85,10 +85,10 @@ class Variant:
         grid = self.grid(args, config)
         runtime, constexprs = kernel_arguments(args)
         constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
-        key = _fast_key(self.name, args, config) if args.packed.is_cuda else None
+        key = _fast_key(self.name, args, config) if args.device.type == "cuda" else None
         compiled = _COMPILED.get(key) if key is not None else None
         if compiled is not None and _fast_launch(compiled, grid, runtime, constexprs, self.kernel.arg_names,
-                                                 args.packed.device.index):
+                                                 args.device.index):
             return
         compiled = self.kernel[grid](
             *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
@@ -117,7 +117,7 @@ def _fast_key(name: str, args: DequantArgs, config: Mapping) -> tuple | None:
     pointers = (args.packed, args.absmax, args.code2, args.absmax2, args.offset, args.out)
     return (
         name, tuple(config.items()), args.quant_type, args.blocksize, args.nested_blocksize, args.double_quant,
-        args.out_dtype, args.absmax.dtype, args.packed.device.index,
+        args.out_dtype, args.absmax.dtype, args.device.index,
         tuple(t.data_ptr() % 16 == 0 for t in pointers),
         _int_spec(args.n), _int_spec(args.n_rows), _int_spec(args.n_cols),
     )
@@ -126,7 +126,7 @@ def _fast_key(name: str, args: DequantArgs, config: Mapping) -> tuple | None:
 def kernel_arguments(args: DequantArgs) -> tuple[list, dict]:
     """The shared kernel interface for ``args``: runtime arguments in order, and the problem's
     constexprs (a variant's config adds its own)."""
-    table = device_table(args.quant_type, args.packed.device)
+    table = device_table(args.quant_type, args.device)
     runtime = [args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
                args.n, args.n_rows, args.n_cols]
     constexprs = {
