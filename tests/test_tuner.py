@@ -206,5 +206,11 @@ def test_cli_tune_show_check(config_dir, capsys, tmp_path, wide_console):
 def test_cli_rejects_unknown_preset_and_variant(config_dir, capsys, wide_console):
     with pytest.raises(SystemExit, match="unknown preset"):
         cli.main(["tune", "--preset", "nope"])
+    with pytest.raises(SystemExit, match="write shapes as ROWSxCOLS"):
+        cli.main(["tune", "--shapes", "4096by14336"])
+    with pytest.raises(SystemExit, match="unsupported blocksize 48"):
+        cli.main(["tune", "--preset", "tiny", "--blocksizes", "48"])
+    with pytest.raises(SystemExit, match="unsupported quant type 'int4'"):
+        cli.main(["tune", "--preset", "tiny", "--quant-types", "int4"])
     assert cli.main(["tune", "--preset", "tiny", "--variants", "nope", "--trials", "1"]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().out

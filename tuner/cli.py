@@ -36,7 +36,8 @@ def _problem_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument("--preset", default=None, help=f"problem preset from presets.yaml (default: {default_preset}; "
                         "'tiny' without a GPU)")
     parser.add_argument("--shapes", help="comma-separated ROWSxCOLS shapes, e.g. 4096x14336,1024x4096")
-    parser.add_argument("--shapes-file", help="a YAML file of presets (same format as tuner/presets.yaml)")
+    parser.add_argument("--shapes-file", help="a YAML file of presets (same format as tuner/presets.yaml); "
+                        "its first preset unless --preset names another")
     parser.add_argument("--dtypes", help="comma-separated output dtypes: bfloat16,float16,float32")
     parser.add_argument("--blocksizes", help="comma-separated blocksizes, e.g. 64,128")
     parser.add_argument("--double-quant", choices=["on", "off", "both"], help="double-quantized absmax")
@@ -52,16 +53,16 @@ def _problems(args, device, default_preset: str):
         name = next(iter(presets))
     if name not in presets:
         raise SystemExit(f"error: unknown preset {name!r}: choose one of {', '.join(presets)}")
-    overrides = {
-        "shapes": parse_shapes(args.shapes) if args.shapes else None,
-        "dtypes": args.dtypes.split(",") if args.dtypes else None,
-        "blocksizes": [int(b) for b in args.blocksizes.split(",")] if args.blocksizes else None,
-        "double_quant": {"on": [True], "off": [False], "both": [True, False]}.get(args.double_quant),
-        "quant_types": args.quant_types.split(",") if args.quant_types else None,
-    }
-    if overrides["shapes"]:
-        overrides["models"] = {}
     try:
+        overrides = {
+            "shapes": parse_shapes(args.shapes) if args.shapes else None,
+            "dtypes": args.dtypes.split(",") if args.dtypes else None,
+            "blocksizes": [int(b) for b in args.blocksizes.split(",")] if args.blocksizes else None,
+            "double_quant": {"on": [True], "off": [False], "both": [True, False]}.get(args.double_quant),
+            "quant_types": args.quant_types.split(",") if args.quant_types else None,
+        }
+        if overrides["shapes"]:
+            overrides["models"] = {}
         return expand(presets[name], **overrides)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -73,6 +74,7 @@ def cmd_check(args) -> int:
 
     import variants
     from .problems import Problem
+    from .timing import median_us
 
     device = _device()
     if device is None:
@@ -108,8 +110,6 @@ def cmd_check(args) -> int:
             exact = torch.equal(out, reference)
             failures += not exact
             if on_gpu:
-                from .timing import median_us
-
                 when = f"{median_us(lambda: variants.dequantize(packed, state, out=out, variant=name)):.1f} µs"
             else:
                 when = f"{elapsed * 1e3:.0f} ms (interpreter)"

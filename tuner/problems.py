@@ -12,6 +12,7 @@ import yaml
 
 import variants
 from variants._cache import DTYPE_NAMES, size_bucket
+from variants._format import BLOCKSIZES, QUANT_TYPES
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DTYPES.update({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32})
@@ -103,6 +104,12 @@ def expand(spec: dict, **overrides) -> list[Problem]:
     for dtype in spec.get("dtypes", ["bfloat16"]):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    for blocksize in spec.get("blocksizes", [64]):
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"unsupported blocksize {blocksize}: use one of {BLOCKSIZES}")
+    for quant_type in spec.get("quant_types", ["nf4"]):
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"unsupported quant type {quant_type!r}: use one of {QUANT_TYPES}")
     problems = [
         Problem(shape, DTYPE_NAMES[DTYPES[dtype]], int(bs), bool(dq), qt)
         for shape, dtype, bs, dq, qt in itertools.product(
