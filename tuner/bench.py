@@ -36,9 +36,8 @@ def _bitsandbytes():
     return bnb_functional
 
 
-def variant_configs(problem: Problem, device) -> dict[str, dict]:
-    """Each variant's tuned config for ``problem`` on this GPU (from its tuned file), else its default."""
-    _, entries = _cache.load_entries(_cache.device_name(device))
+def variant_configs(problem: Problem, entries: list[dict]) -> dict[str, dict]:
+    """Each variant's tuned config for ``problem`` (from this GPU's tuned ``entries``), else its default."""
     key = _cache.entry_key(problem.key())
     configs = {name: variants.get(name).default_config(problem.blocksize) for name in variants.names()}
     for entry in entries:
@@ -55,13 +54,14 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
     device = torch.device(device)
     copy_gbps = timing.copy_bandwidth_gbps(device)
     bnb = _bitsandbytes()
+    _, entries = _cache.load_entries(_cache.device_name(device))
     rows: list[Row] = []
     for problem in problems:
         packed, state = problem.make_inputs(device)
         out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
         reference = variants.reference_dequantize(packed, state)
         providers = {"nf4-explorer (dispatcher)": ("", lambda: variants.dequantize(packed, state, out=out))}
-        for name, config in variant_configs(problem, device).items():
+        for name, config in variant_configs(problem, entries).items():
             providers[name] = (
                 _config_text(config),
                 lambda name=name, config=config: variants.dequantize(packed, state, out=out, variant=name, config=config),

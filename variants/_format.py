@@ -119,6 +119,19 @@ def _as_state_fields(state: Any) -> tuple:
     return state.absmax, torch.Size(state.shape), state.dtype, int(state.blocksize), state.quant_type, state2
 
 
+def nested_tensors(state: Any, device: torch.device) -> tuple:
+    """(code2, absmax2, offset, nested_blocksize) of a double-quantized state, or placeholders
+    (state.absmax three times and 256: the kernels never read them) without double quant. A
+    Python-number offset becomes a float32 tensor on ``device``; a missing one stays None."""
+    state2 = getattr(state, "state2", None)
+    if state2 is None:
+        return state.absmax, state.absmax, state.absmax, 256
+    offset = state.offset
+    if offset is not None and not isinstance(offset, torch.Tensor):
+        offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
+    return state2.code, state2.absmax, offset, int(state2.blocksize)
+
+
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     # Non-contiguous inputs are copied (documented): dequantization reads each byte once, so a
     # copy costs one extra pass but never a wrong result.
@@ -168,15 +181,12 @@ def prepare(
             "the state's blocksize or shape does not match its absmax"
         )
     tensors = {"packed": packed, "state.absmax": absmax}
+    code2, absmax2, offset, nested_blocksize = nested_tensors(state, device)
     if state2 is not None:
         if absmax.dtype != torch.uint8:
             raise TypeError(f"with double quantization state.absmax must hold uint8 codes, got {absmax.dtype}")
-        code2, absmax2, nested_blocksize = state2.code, state2.absmax, int(state2.blocksize)
-        offset = state.offset
         if offset is None:
             raise ValueError("double-quantized state has no offset: state.offset must be set")
-        if not isinstance(offset, torch.Tensor):
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
         if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
             raise ValueError(f"state.state2.blocksize must be a power of two, got {nested_blocksize}")
         if code2.numel() != 256 or code2.dtype != torch.float32:
@@ -195,9 +205,6 @@ def prepare(
     else:
         if absmax.dtype != torch.float32:
             raise TypeError(f"state.absmax must be float32 (or uint8 codes with state2), got {absmax.dtype}")
-        # Unused by the kernels when DOUBLE_QUANT is off; any float32 tensor on the device will do.
-        code2 = absmax2 = offset = absmax
-        nested_blocksize = 256
     if out is not None:
         tensors["out"] = out
     for name, t in tensors.items():

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ._format import QuantState
+from ._format import QuantState, nested_tensors
 
 
 @torch.library.custom_op("nf4_explorer::dequantize_4bit", mutates_args=())
@@ -40,17 +40,10 @@ def _(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_bl
 
 def call_op(packed: torch.Tensor, state) -> torch.Tensor:
     """``dequantize(packed, state)`` through the custom op (what runs under torch.compile)."""
-    state2 = getattr(state, "state2", None)
-    if state2 is not None:
-        code2, absmax2, nested_blocksize, offset = state2.code, state2.absmax, int(state2.blocksize), state.offset
-        if not isinstance(offset, torch.Tensor):
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
-    else:
-        code2 = absmax2 = offset = state.absmax
-        nested_blocksize = 256
+    code2, absmax2, offset, nested_blocksize = nested_tensors(state, packed.device)
     return dequantize_op(
         packed, state.absmax, code2, absmax2, offset, list(state.shape), state.dtype, int(state.blocksize),
-        nested_blocksize, state.quant_type, state2 is not None,
+        nested_blocksize, state.quant_type, getattr(state, "state2", None) is not None,
     )
 
 
