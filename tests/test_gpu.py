@@ -82,3 +82,58 @@ def test_bit_equal_with_bitsandbytes(case):
         assert_bit_equal(out, expected, f"{name} vs bitsandbytes {case}")
     assert_bit_equal(variants.dequantize(bnb_packed, bnb_state), expected, "dispatcher vs bitsandbytes")
     assert_bit_equal(variants.reference_dequantize(bnb_packed, bnb_state), expected, "reference vs bitsandbytes")
+
+
+def _fresh_problem(shape=(1024, 4096), seed=0):
+    torch.manual_seed(seed)
+    weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
+    return packed, state, variants.reference_dequantize(packed, state)
+
+
+def test_fast_launch_serves_new_data_exactly():
+    """The second call of a problem goes through the cached launcher (variants/_registry.py) with
+    the new call's pointers: new weights of the same shape, into a poisoned output, stay exact."""
+    from variants import _registry
+
+    variants.dequantize(*_fresh_problem(seed=1)[:2])  # compiles and remembers the launch
+    ready_before = len(_registry._READY)
+    assert ready_before > 0, "the first launch left no cached launcher"
+    for seed in (2, 3):
+        packed, state, expected = _fresh_problem(seed=seed)
+        out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
+        variants.dequantize(packed, state, out=out)
+        assert_bit_equal(out, expected, f"fast launch, seed {seed}")
+    assert len(_registry._READY) == ready_before, "same problem, new cache entry: the fast path was not taken"
+
+
+def test_launch_hooks_are_honoured():
+    """A profiler's launch hook (Triton's knobs) sees every launch: the fast path steps aside."""
+    knobs = pytest.importorskip("triton").knobs
+    if not hasattr(knobs.runtime.launch_enter_hook, "add"):
+        pytest.skip("this Triton has no HookChain launch hooks")
+    packed, state, expected = _fresh_problem(seed=4)
+    variants.dequantize(packed, state)  # cached launcher ready
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
+        variants.dequantize(packed, state, out=out)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) == 1
+    assert_bit_equal(out, expected, "with a launch hook")
+
+
+def test_unaligned_state_tensors_take_the_normal_launch():
+    """absmax codes that start mid-allocation (not 16-byte aligned) are still read correctly."""
+    packed, state, expected = _fresh_problem(seed=5)
+    padded = torch.zeros(state.absmax.numel() + 3, dtype=torch.uint8, device="cuda")
+    padded[3:] = state.absmax
+    state.absmax = padded[3:]
+    assert state.absmax.data_ptr() % 16
+    for _ in range(2):
+        out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
+        variants.dequantize(packed, state, out=out)
+        assert_bit_equal(out, expected, "unaligned absmax")

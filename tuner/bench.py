@@ -50,9 +50,13 @@ def variant_configs(problem: Problem, entries: list[dict]) -> dict[str, dict]:
 
 
 def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = True, progress=None) -> tuple[float, list[Row]]:
-    """Times every provider on every problem; returns (copy GB/s, rows)."""
+    """Times every provider on every problem; returns (copy GB/s, rows).
+
+    Each problem's first row is its floor, computed: its bytes at the card's copy bandwidth plus
+    the time an empty kernel measures (launch and timing overhead, paid by every kernel)."""
     device = torch.device(device)
     copy_gbps = timing.copy_bandwidth_gbps(device)
+    empty_us = timing.empty_launch_us(device)
     bnb = _bitsandbytes()
     _, entries = _cache.load_entries(_cache.device_name(device))
     rows: list[Row] = []
@@ -75,7 +79,11 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
         copy_dst = torch.empty_like(copy_src)
         if torch_reference:
             providers["torch reference"] = ("", lambda: variants.reference_dequantize(packed, state, out=out))
-        problem_rows = [_row(problem, "copy (same bytes)", "", timing.median_us(lambda: copy_dst.copy_(copy_src)), copy_gbps)]
+        floor_us = problem.bytes_moved() / (copy_gbps * 1e3) + empty_us
+        problem_rows = [
+            _row(problem, "floor (copy rate + empty launch)", f"empty kernel {empty_us:.1f} µs", floor_us, copy_gbps),
+            _row(problem, "copy (same bytes)", "", timing.median_us(lambda: copy_dst.copy_(copy_src)), copy_gbps),
+        ]
         del copy_src, copy_dst
         for provider, (config, fn) in providers.items():
             out.fill_(float("nan"))
@@ -103,10 +111,13 @@ def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 10
     one synchronize at the end. Returns wall seconds per provider."""
     device = torch.device(device)
     weights = [p.make_inputs(device, seed=seed) for p in problems for seed in range(3)]
-    results = {"nf4-explorer": timing.loop_seconds([lambda w=w: variants.dequantize(*w) for w in weights], repeats)}
+    ours = [lambda w=w: variants.dequantize(*w) for w in weights]
+    results = {"nf4-explorer": timing.loop_seconds(ours, repeats)}
     bnb = _bitsandbytes()
     if bnb is not None:
         results["bitsandbytes"] = timing.loop_seconds([lambda w=w: bnb.dequantize_4bit(*w) for w in weights], repeats)
+    # The same calls replayed from a CUDA graph: the loop's GPU time, what no host path can beat.
+    results["nf4-explorer GPU time (CUDA graph)"] = timing.graph_loop_seconds(ours, repeats)
     return results
 
 

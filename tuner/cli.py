@@ -172,7 +172,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, loop_comparison, write_csv
+    from .bench import bench, dispatcher_overhead_us, loop_comparison, write_csv
     from .problems import expand, load_presets
 
     device = _device()
@@ -197,6 +197,11 @@ def cmd_bench(args) -> int:
             if "bitsandbytes" in result:
                 line += f"  (speedup {result['bitsandbytes'] / result['nf4-explorer']:.2f}x)"
             console.print(f"loop ({dtype}, 3 shapes x 3 weights x 1000 calls): {line}")
+        for shape in ((4096, 1024), (1024, 4096)):
+            cost = dispatcher_overhead_us(Problem(shape, "bfloat16"), device=device)
+            console.print(f"dispatcher cost per call, {shape[0]}x{shape[1]} bfloat16: {cost['dispatcher']:.1f} µs "
+                          f"vs {cost['direct']:.1f} µs launching the chosen variant directly "
+                          f"(overhead {cost['overhead']:.1f} µs)")
     if args.out:
         from .plots import bench_chart
 

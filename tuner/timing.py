@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 
@@ -31,6 +33,19 @@ def copy_bandwidth_gbps(device, n_bytes: int = 1 << 30) -> float:
     return 2 * (n_bytes // 2) / (us * 1e-6) / 1e9
 
 
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def empty_launch_us(device) -> float:
+    """do_bench median of a kernel that does nothing: the launch and event overhead that every
+    kernel's time includes, however few bytes it moves."""
+    x = torch.empty(16, device=device)
+    _empty_kernel[(1,)](x)
+    return median_us(lambda: _empty_kernel[(1,)](x), device=device)
+
+
 def loop_seconds(calls, repeats: int = 1000) -> float:
     """Wall-clock seconds for ``repeats`` rounds of every call in ``calls``, back to back, with one
     synchronize at the end (launch overhead shows here, unlike in do_bench)."""
@@ -41,5 +56,24 @@ def loop_seconds(calls, repeats: int = 1000) -> float:
     for _ in range(repeats):
         for call in calls:
             call()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def graph_loop_seconds(calls, repeats: int = 1000) -> float:
+    """Like :func:`loop_seconds`, with one round of ``calls`` captured in a CUDA graph and replayed:
+    no host cost per call, so this is the loop's GPU time."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        graph.replay()
     torch.cuda.synchronize()
     return time.perf_counter() - start

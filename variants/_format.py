@@ -107,16 +107,21 @@ def interpreter_enabled() -> bool:
 
 def _as_state_fields(state: Any) -> tuple:
     """Reads a QuantState (ours or bitsandbytes', duck-typed) and checks the fields exist."""
-    missing = [a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if not hasattr(state, a)]
-    if missing:
+    try:
+        fields = (state.absmax, state.shape, state.dtype, state.blocksize, state.quant_type)
+    except AttributeError:
+        missing = [a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if not hasattr(state, a)]
         raise TypeError(
             f"state has no {', '.join(missing)}: pass the QuantState returned by variants.quantize or "
             "bitsandbytes.functional.quantize_4bit (or a Params4bit's .quant_state)"
-        )
+        ) from None
+    absmax, shape, dtype, blocksize, quant_type = fields
     state2 = getattr(state, "state2", None)
     if state2 is None and getattr(state, "nested", False):
         raise ValueError("state.nested is True but state.state2 is None: the double-quant state is incomplete")
-    return state.absmax, torch.Size(state.shape), state.dtype, int(state.blocksize), state.quant_type, state2
+    if type(shape) is not torch.Size:
+        shape = torch.Size(shape)
+    return absmax, shape, dtype, int(blocksize), quant_type, state2
 
 
 def nested_tensors(state: Any, device: torch.device) -> tuple:
@@ -130,6 +135,16 @@ def nested_tensors(state: Any, device: torch.device) -> tuple:
     if offset is not None and not isinstance(offset, torch.Tensor):
         offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
     return state2.code, state2.absmax, offset, int(state2.blocksize)
+
+
+def _raise_device_mismatch(device, absmax, code2, absmax2, offset, out):
+    named = {"state.absmax": absmax, "state.state2.code": code2, "state.state2.absmax": absmax2,
+             "state.offset": offset, "out": out}
+    name, t = next((name, t) for name, t in named.items() if t is not None and t.device != device)
+    raise ValueError(
+        f"{name} is on {t.device} but packed is on {device}: move every tensor to one device "
+        "(e.g. state.to(device) for a bitsandbytes QuantState)"
+    )
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -180,7 +195,6 @@ def prepare(
             f"state.absmax has {absmax.numel()} entries but {n} elements in blocks of {blocksize} need {n_blocks}: "
             "the state's blocksize or shape does not match its absmax"
         )
-    tensors = {"packed": packed, "state.absmax": absmax}
     code2, absmax2, offset, nested_blocksize = nested_tensors(state, device)
     if state2 is not None:
         if absmax.dtype != torch.uint8:
@@ -201,18 +215,13 @@ def prepare(
             )
         if offset.numel() != 1 or offset.dtype != torch.float32:
             raise ValueError(f"state.offset must be one float32 value, got {offset.numel()} of {offset.dtype}")
-        tensors.update({"state.state2.code": code2, "state.state2.absmax": absmax2, "state.offset": offset})
     else:
         if absmax.dtype != torch.float32:
             raise TypeError(f"state.absmax must be float32 (or uint8 codes with state2), got {absmax.dtype}")
-    if out is not None:
-        tensors["out"] = out
-    for name, t in tensors.items():
-        if t.device != device:
-            raise ValueError(
-                f"{name} is on {t.device} but packed is on {device}: move every tensor to one device "
-                "(e.g. state.to(device) for a bitsandbytes QuantState)"
-            )
+    others = (absmax, code2, absmax2, offset, out) if state2 is not None else (absmax, out)
+    for t in others:
+        if t is not None and t.device != device:
+            _raise_device_mismatch(device, absmax, code2, absmax2, offset, out)
     if for_kernel and device.type == "cpu" and not interpreter_enabled():
         raise ValueError(
             "the tensors are on the CPU: Triton kernels need a GPU. Move them to CUDA, or run on the CPU "
