@@ -137,3 +137,20 @@ def test_unaligned_state_tensors_take_the_normal_launch():
         out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
         variants.dequantize(packed, state, out=out)
         assert_bit_equal(out, expected, "unaligned absmax")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_weights_on_another_gpu():
+    """Weights spread over GPUs (device_map="auto") dequantize on their own GPU, whatever the
+    current device is, through both the first (compiling) and the cached launch."""
+    assert torch.cuda.current_device() == 0
+    torch.manual_seed(6)
+    weight = torch.randn((1024, 4096), device="cuda:1", dtype=torch.bfloat16)
+    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
+    expected = variants.reference_dequantize(packed, state)
+    for _ in range(2):
+        out = variants.dequantize(packed, state)
+        assert out.device == torch.device("cuda:1")
+        assert_bit_equal(out, expected, "weights on cuda:1, current device cuda:0")
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert_bit_equal(variants.dequantize(packed, state), bnb.dequantize_4bit(packed, state), "vs bitsandbytes on cuda:1")

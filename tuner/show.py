@@ -65,20 +65,22 @@ def render(path: Path, console: Console) -> dict | None:
 
 def plot(doc: dict, path: Path) -> None:
     """Per tuned problem, each variant's best GB/s against the copy-bandwidth roofline."""
-    from .plots import grouped_bars
+    from .plots import gbps_chart
     from .problems import Problem
 
-    entries = doc["entries"]
+    def problem(e):
+        return Problem(tuple(e["shape"]), e["out_dtype"], e["blocksize"], e["double_quant"], e["quant_type"])
+
+    entries = sorted(doc["entries"], key=lambda e: (problem(e).bytes_moved(), e["out_dtype"]))  # by size
     groups = [_problem_text(e) for e in entries]
     names = sorted({e["variant"] for e in entries} | {n for e in entries for n in e.get("others", {})})
     series = {}
     for name in names:
         values = []
         for e in entries:
-            problem = Problem(tuple(e["shape"]), e["out_dtype"], e["blocksize"], e["double_quant"], e["quant_type"])
             time_us = e["time_us"] if e["variant"] == name else e.get("others", {}).get(name, {}).get("time_us")
-            values.append(problem.bytes_moved() / (time_us * 1e-6) / 1e9 if time_us else 0.0)
+            values.append(problem(e).bytes_moved() / (time_us * 1e-6) / 1e9 if time_us else 0.0)
         series[name] = values
     title = (f"Best GB/s per variant on {doc.get('device_name')} "
              f"(torch {doc.get('torch_version')}, triton {doc.get('triton_version')})")
-    grouped_bars(groups, series, doc.get("copy_bandwidth_gbps"), title, path)
+    gbps_chart(groups, series, doc.get("copy_bandwidth_gbps"), title, path)
