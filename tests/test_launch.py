@@ -1,0 +1,65 @@
+"""The cached launch path's decisions (variants/_registry.py), checked without a GPU: which calls may
+reuse a cached launcher and when Triton's own launch must run instead. The launches themselves are
+checked on a GPU in test_gpu.py."""
+
+import pytest
+import torch
+
+import variants
+from variants import _registry
+from variants._format import prepare
+
+
+@pytest.fixture
+def args(device):
+    weight = torch.randn(8, 128, dtype=torch.bfloat16, device=device)
+    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
+    return prepare(packed, state, None)
+
+
+CONFIG = {"WORDS": 128, "TABLE_IN_REGISTERS": False, "num_warps": 2}
+
+
+def _key(args, pointers, config=CONFIG):
+    return _registry._ready_key("word_unpack", args, config, pointers, 0)
+
+
+def test_aligned_pointers_share_one_key_misaligned_get_none(args):
+    if not _registry._FAST_LAUNCH_OK[0]:
+        pytest.skip("this Triton has no fast launch path")
+    aligned = (4096, 8192, 12288, 16384, 20480, 24576)
+    other_aligned = tuple(p + (1 << 20) for p in aligned)
+    assert _key(args, aligned) is not None
+    assert _key(args, aligned) == _key(args, other_aligned), "new buffers of the same problem must reuse the launcher"
+    for i in range(6):
+        misaligned = tuple(p + 4 * (j == i) for j, p in enumerate(aligned))
+        assert _key(args, misaligned) is None, f"pointer {i} off 16-byte alignment must take Triton's launch"
+
+
+def test_key_separates_configs_sizes_and_dtypes(args, device):
+    if not _registry._FAST_LAUNCH_OK[0]:
+        pytest.skip("this Triton has no fast launch path")
+    pointers = (4096,) * 6
+    base = _key(args, pointers)
+    assert _key(args, pointers, {**CONFIG, "WORDS": 256}) != base
+    weight = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
+    wider = prepare(*variants.quantize(weight, blocksize=64, double_quant=True), None)
+    assert _key(wider, pointers) != base
+    half = prepare(*variants.quantize(torch.randn(8, 128, dtype=torch.float16, device=device)), None)
+    assert _key(half, pointers) != base
+
+
+def test_launch_hooks_turn_the_cached_launch_off():
+    knobs = pytest.importorskip("triton").knobs
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton has no HookChain launch hooks")
+    assert _registry._no_hook(None)
+    assert _registry._no_hook(chain)
+    hook = lambda metadata: None  # noqa: E731
+    chain.add(hook)
+    try:
+        assert not _registry._no_hook(chain)
+    finally:
+        chain.remove(hook)
+    assert not _registry._no_hook(hook), "a plain callable (older Triton) is a hook"
