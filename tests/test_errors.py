@@ -116,3 +116,18 @@ def test_config_without_variant(problem):
     packed, state = problem
     with pytest.raises(ValueError, match="config= needs variant="):
         variants.dequantize(packed, state, config={"BLOCK": 1024})
+
+
+@pytest.mark.parametrize("where", ["state.absmax", "state.state2.code", "state.state2.absmax", "state.offset", "out"])
+def test_state_tensor_on_another_device(problem, device, where):
+    """Each of the state's tensors (and out) on another device is named in the error ("meta"
+    stands in for a second device on a machine with one)."""
+    packed, state = problem
+    out = None
+    if where == "out":
+        out = torch.empty(4, 64, dtype=torch.bfloat16, device="meta")
+    else:
+        owner, attribute = (state.state2, where.rsplit(".", 1)[1]) if "state2" in where else (state, where.split(".")[1])
+        setattr(owner, attribute, getattr(owner, attribute).to("meta"))
+    with pytest.raises(ValueError, match=f"{where} is on meta but packed is on {device.type}"):
+        variants.dequantize(packed, state, out=out)
