@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -225,18 +226,21 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     if copy_gbps:
         header["copy_bandwidth_gbps"] = round(copy_gbps, 1)
     entries = []
-    bar = tqdm(total=total, unit="trial", desc="tuning", dynamic_ncols=True)
+    # In a terminal the bar redraws ~10 times a second; into a log file (CI, a cluster job) it
+    # writes a line at most every 30 s instead of one per trial.
+    bar = tqdm(total=total, unit="trial", desc="tuning", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         for index, problem in enumerate(problems, 1):
             workload = Workload.make(problem, device)
             bests, spent = {}, 0
             for name in names:
-                bar.set_description(f"[{index}/{len(problems)}] {problem.label()} {name}")
+                bar.set_description(f"[{index}/{len(problems)}] {problem.label()} {name}", refresh=False)
 
                 def on_trial(best_us):
                     bar.update(1)
                     if best_us is not None:
-                        bar.set_postfix_str(f"best {best_us:.1f} µs")
+                        bar.set_postfix_str(f"best {best_us:.1f} µs", refresh=False)
 
                 if driver == "exhaustive":
                     best, count = exhaustive_search(workload, name, on_trial=on_trial)
