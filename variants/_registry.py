@@ -108,7 +108,7 @@ class Variant:
             *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
             **constexprs, **launch_options(),
         )
-        if key is not None:
+        if key is not None and _FAST_LAUNCH_OK[0]:
             _remember(key, compiled, grid, runtime, constexprs, self.kernel.arg_names, device_index)
 
 
