@@ -19,6 +19,7 @@ import torch
 import variants
 from variants import _cache
 from variants._format import prepare
+from variants._registry import LAUNCH_PARAMS
 
 from . import timing
 from .problems import Problem
@@ -163,7 +164,7 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
     variant = variants.get(name)
     configs = variant.configs(workload.problem.blocksize)
     triton_configs = [
-        triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+        triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS},
                       num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
         for c in configs
     ]
