@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,11 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 def _device():
     import torch
 
+    from variants._format import interpreter_enabled
+
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         return torch.device("cpu")
     return None
 
