@@ -70,10 +70,4 @@ def graph_loop_seconds(calls, repeats: int = 1000) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        graph.replay()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return loop_seconds([graph.replay], repeats)
