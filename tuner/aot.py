@@ -11,8 +11,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import variants
-from variants._decode import QUANT_TYPE_IDS, launch_options
-from variants._registry import LAUNCH_PARAMS
+from variants._decode import launch_options
+from variants._registry import LAUNCH_PARAMS, problem_constexprs
 
 # (backend, arch, warp size) of every target the project compiles for.
 TARGETS = {
@@ -48,8 +48,8 @@ def compile_config(
     kernel = variants.get(name).kernel
     sig = signature(kernel, out_dtype, double_quant)
     constexprs = {
-        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "QUANT_TYPE": QUANT_TYPE_IDS[quant_type],
-        "DOUBLE_QUANT": double_quant, **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
+        **problem_constexprs(blocksize, 256, quant_type, double_quant),
+        **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
     }
     attrs = {}
     if aligned:

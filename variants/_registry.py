@@ -207,11 +207,15 @@ def kernel_arguments(args: DequantArgs) -> tuple[list, dict]:
     table = device_table(args.quant_type, args.device)
     runtime = [args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
                args.n, args.n_rows, args.n_cols]
-    constexprs = {
-        "BLOCKSIZE": args.blocksize, "NESTED_BLOCKSIZE": args.nested_blocksize,
-        "QUANT_TYPE": QUANT_TYPE_IDS[args.quant_type], "DOUBLE_QUANT": args.double_quant,
+    return runtime, problem_constexprs(args.blocksize, args.nested_blocksize, args.quant_type, args.double_quant)
+
+
+def problem_constexprs(blocksize: int, nested_blocksize: int, quant_type: str, double_quant: bool) -> dict:
+    """The constexprs every kernel takes for a problem (a variant's config adds its own)."""
+    return {
+        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": nested_blocksize,
+        "QUANT_TYPE": QUANT_TYPE_IDS[quant_type], "DOUBLE_QUANT": double_quant,
     }
-    return runtime, constexprs
 
 
 _REGISTRY: dict[str, Variant] = {}
