@@ -63,7 +63,7 @@ class TestAgainstBitsandbytes:
                                                quant_type=quant_type)
         expected = self.bnb.dequantize_4bit(packed, state)
         assert_bit_equal(variants.reference_dequantize(packed, state), expected, "reference")
-        for name in variants.names():
+        for name in variants.names(expected.device):
             out = torch.full_like(expected, float("nan"))
             variants.dequantize(packed, state, out=out, variant=name)
             assert_bit_equal(out, expected, name)

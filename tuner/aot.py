@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 import variants
 from variants._decode import launch_options
@@ -54,9 +55,17 @@ def compile_config(
     attrs = {}
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}
-    source = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    source = (GluonASTSource if kernel.is_gluon() else ASTSource)(kernel, sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1), **launch_options()}
     return triton.compile(source, target=target, options=options)
+
+
+def supports(name: str, target: str) -> bool:
+    """Whether variant ``name`` is built for ``target`` (a Gluon variant: NVIDIA targets of its
+    compute capability or newer only)."""
+    needs = variants.get(name).min_capability
+    backend, arch = TARGETS[target].backend, TARGETS[target].arch
+    return needs is None or (backend == "cuda" and arch >= needs[0] * 10 + needs[1])
 
 
 def compile_space(name: str, target: str) -> tuple[int, list[str]]:

@@ -36,10 +36,11 @@ def _bitsandbytes():
     return bnb_functional
 
 
-def variant_configs(problem: Problem, entries: list[dict]) -> dict[str, dict]:
-    """Each variant's tuned config for ``problem`` (from this GPU's tuned ``entries``), else its default."""
+def variant_configs(problem: Problem, entries: list[dict], device=None) -> dict[str, dict]:
+    """Each variant's tuned config for ``problem`` (from this GPU's tuned ``entries``), else its
+    default; with a ``device``, only the variants that run on it."""
     key = _cache.entry_key(problem.key())
-    configs = {name: variants.get(name).default_config(problem.blocksize) for name in variants.names()}
+    configs = {name: variants.get(name).default_config(problem.blocksize) for name in variants.names(device)}
     for entry in entries:
         if _cache.entry_key(entry) == key:
             for name, other in entry.get("others", {}).items():
@@ -65,7 +66,7 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
         out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
         reference = variants.reference_dequantize(packed, state)
         providers = {"nf4-explorer (dispatcher)": ("", lambda: variants.dequantize(packed, state, out=out))}
-        for name, config in variant_configs(problem, entries).items():
+        for name, config in variant_configs(problem, entries, device).items():
             providers[name] = (
                 _config_text(config),
                 lambda name=name, config=config: variants.dequantize(packed, state, out=out, variant=name, config=config),

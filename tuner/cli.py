@@ -101,7 +101,7 @@ def cmd_check(args) -> int:
         packed, state = problem.make_inputs(device)
         reference = variants.reference_dequantize(packed, state)
         bnb_out = bnb.dequantize_4bit(packed, state) if (bnb is not None and on_gpu) else None
-        for name in variants.names():
+        for name in variants.names(device):
             out = torch.full(problem.shape, float("nan"), dtype=problem.torch_dtype, device=device)
             start = time.perf_counter()
             variants.dequantize(packed, state, out=out, variant=name)
@@ -134,7 +134,7 @@ def cmd_tune(args) -> int:
         console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
                       "nothing.[/yellow]")
     problems = _problems(args, device, "llm")
-    names = args.variants.split(",") if args.variants else variants.names()
+    names = args.variants.split(",") if args.variants else variants.names(device)
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
                              storage=args.storage, output_dir=args.output, seed=args.seed, device=device)

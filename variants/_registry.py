@@ -25,7 +25,7 @@ except ImportError:  # Triton before 3.4 has no knobs: every launch takes Triton
     knobs = None
 
 from ._decode import QUANT_TYPE_IDS, launch_options
-from ._format import TABLES, DequantArgs
+from ._format import TABLES, DequantArgs, interpreter_enabled
 
 # Launch parameters that are not kernel arguments.
 LAUNCH_PARAMS = ("num_warps", "num_stages")
@@ -45,6 +45,9 @@ class Variant:
     default:     the config used when nothing is tuned (must be in ``space``).
     description: one line for tables and docs.
     allowed:     ``allowed(config, blocksize) -> bool``: configs that are invalid for a blocksize.
+    min_capability: None for a plain Triton kernel (any GPU Triton targets, and the interpreter);
+                 (major, minor) for a kernel that needs an NVIDIA GPU of that compute capability or
+                 newer (a Gluon kernel: no interpreter, no AMD).
     """
 
     name: str
@@ -54,6 +57,21 @@ class Variant:
     default: Mapping
     description: str
     allowed: Callable[[Config, int], bool] = lambda config, blocksize: True
+    min_capability: tuple[int, int] | None = None
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why this variant cannot run on ``device``, or None if it can."""
+        if self.min_capability is None:
+            return None
+        needs = f"an NVIDIA GPU of compute capability {self.min_capability[0]}.{self.min_capability[1]} or newer"
+        device = torch.device(device)
+        if device.type != "cuda" or interpreter_enabled():
+            where = "Triton's interpreter" if interpreter_enabled() else f"device {device}"
+            return f"variant {self.name!r} needs {needs}; it cannot run on {where}: pick another variant"
+        if torch.version.hip is not None or torch.cuda.get_device_capability(device) < self.min_capability:
+            return (f"variant {self.name!r} needs {needs}; {torch.cuda.get_device_name(device)} is not one: "
+                    "pick another variant")
+        return None
 
     def configs(self, blocksize: int) -> list[Config]:
         """Every config of the search space that is valid for ``blocksize``."""
@@ -101,6 +119,10 @@ class Variant:
             ready = _READY.get(key) if key is not None else None
             if ready is not None and ready.launch(pointers):
                 return
+        if self.min_capability is not None:
+            reason = self.unavailable_reason(args.device)
+            if reason is not None:
+                raise ValueError(reason)
         grid = self.grid(args, config)
         runtime, constexprs = kernel_arguments(args)
         constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
@@ -241,8 +263,10 @@ def get(name: str) -> Variant:
         raise ValueError(f"unknown variant {name!r}: registered variants are {sorted(_REGISTRY)}") from None
 
 
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+def names(device: torch.device | str | None = None) -> list[str]:
+    """The registered variants' names; with a ``device``, only those that can run on it."""
+    return sorted(name for name, variant in _REGISTRY.items()
+                  if device is None or variant.unavailable_reason(device) is None)
 
 
 def device_table(quant_type: str, device: torch.device) -> torch.Tensor:
