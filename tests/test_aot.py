@@ -55,3 +55,27 @@ def test_no_fused_multiply_add_and_vector_stores_on_hopper(name):
     has_fma, has_wide_store = _run(["-c", CHECK_PTX, name]).split()
     assert has_fma == "0", f"{name}: PTX contains fma.rn.f32"
     assert has_wide_store == "1", f"{name}: no vector output stores in PTX"
+
+
+FIT_CHECK = """
+import json, variants
+from variants.phase_split import SHARED_BYTES_PER_SM
+from tuner.aot import TARGETS, compile_config
+over = []
+for blocksize in (32, 64, 256, 4096):
+    for double_quant in (True, False):
+        for config in variants.get("phase_split").configs(blocksize):
+            shared = compile_config("phase_split", config, TARGETS["sm_90"], blocksize=blocksize,
+                                    double_quant=double_quant).metadata.shared
+            if shared * config["CTAS_PER_SM"] > SHARED_BYTES_PER_SM:
+                over.append((blocksize, double_quant, config, shared))
+print(json.dumps(over))
+"""
+
+
+@pytest.mark.slow
+def test_phase_split_configs_fit_shared_memory():
+    """Every allowed phase_split config, in every absmax format, fits its programs per SM in the
+    H100's shared memory (float32 absmax takes more room: the kernel then stages fewer chunks)."""
+    over = json.loads(_run(["-c", FIT_CHECK]).strip().splitlines()[-1])
+    assert not over, over

@@ -131,3 +131,30 @@ def test_state_tensor_on_another_device(problem, device, where):
         setattr(owner, attribute, getattr(owner, attribute).to("meta"))
     with pytest.raises(ValueError, match=f"{where} is on meta but packed is on {device.type}"):
         variants.dequantize(packed, state, out=out)
+
+
+def test_variant_that_needs_a_newer_gpu_says_so(problem, device):
+    """phase_split (Gluon, cp.async) cannot run in the interpreter or below compute capability 8.0:
+    asking for it explicitly names the requirement; the dispatcher and the tuner never offer it there."""
+    packed, state = problem
+    reason = variants.get("phase_split").unavailable_reason(device)
+    if reason is None:
+        pytest.skip("this GPU runs phase_split")
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU of compute capability 8.0 or newer"):
+        variants.dequantize(packed, state, variant="phase_split")
+    assert "phase_split" not in variants.names(device)
+    assert "phase_split" in variants.names()
+
+
+def test_variant_module_for_a_newer_triton_is_left_out(monkeypatch):
+    """Under a Triton without the Gluon this variant uses, its module raises VariantUnavailable,
+    which the package's loader skips (the other variants load)."""
+    import importlib
+
+    import triton
+
+    import variants.phase_split
+
+    monkeypatch.setattr(triton, "__version__", "3.5.0")
+    with pytest.raises(variants.VariantUnavailable, match="needs Triton 3.6 or newer"):
+        importlib.reload(variants.phase_split)

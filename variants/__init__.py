@@ -16,15 +16,19 @@ import pkgutil
 
 from ._format import QuantState
 from ._reference import quantize, reference_dequantize
-from ._registry import Variant, get, names, register
+from ._registry import Variant, VariantUnavailable, get, names, register
 from ._dispatch import Choice, dequantize, explain
 from ._op import patch_bitsandbytes
 
 # Every public module of this package is a variant that registers itself: adding a variant is
-# adding one file.
+# adding one file. A variant that the installed Triton cannot express (VariantUnavailable) is left
+# out; a tuned entry naming it is then skipped with a warning like any stale entry.
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+        try:
+            importlib.import_module(f"{__name__}.{_module.name}")
+        except VariantUnavailable:
+            pass
 
 __all__ = [
     "Choice", "QuantState", "Variant", "dequantize", "explain", "get", "names", "patch_bitsandbytes", "quantize",

@@ -240,6 +240,11 @@ def problem_constexprs(blocksize: int, nested_blocksize: int, quant_type: str, d
     }
 
 
+class VariantUnavailable(ImportError):
+    """Raised by a variant module that cannot be defined with the installed Triton (the package
+    then loads without it)."""
+
+
 _REGISTRY: dict[str, Variant] = {}
 _TABLES_ON_DEVICE: dict[tuple, torch.Tensor] = {}
 

@@ -13,11 +13,17 @@ import functools
 
 import torch
 import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from ._registry import Variant, register
+from ._registry import Variant, VariantUnavailable, register
+
+try:  # Gluon as this file uses it ships with Triton 3.6
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"Triton {triton.__version__} is older than 3.6")
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+except ImportError as exc:
+    raise VariantUnavailable(f"phase_split needs Triton 3.6 or newer with Gluon: {exc}") from exc
 
 SHARED_BYTES_PER_SM = 232448  # the most shared memory one program may take on the H100 (227 KiB)
 
