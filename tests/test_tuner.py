@@ -214,3 +214,10 @@ def test_cli_rejects_unknown_preset_and_variant(config_dir, capsys, wide_console
         cli.main(["tune", "--preset", "tiny", "--quant-types", "int4"])
     assert cli.main(["tune", "--preset", "tiny", "--variants", "nope", "--trials", "1"]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().out
+
+
+def test_cli_tune_refuses_a_variant_this_device_cannot_run(config_dir, capsys, wide_console, device):
+    if variants.get("phase_split").unavailable_reason(device) is None:
+        pytest.skip("this GPU runs phase_split")
+    assert cli.main(["tune", "--preset", "tiny", "--variants", "phase_split", "--trials", "1"]) == 2
+    assert "needs an NVIDIA GPU of compute capability 8.0" in capsys.readouterr().out

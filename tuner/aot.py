@@ -9,7 +9,6 @@ from __future__ import annotations
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.experimental.gluon._runtime import GluonASTSource
 
 import variants
 from variants._decode import launch_options
@@ -55,7 +54,11 @@ def compile_config(
     attrs = {}
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}
-    source = (GluonASTSource if kernel.is_gluon() else ASTSource)(kernel, sig, constexprs=constexprs, attrs=attrs)
+    if getattr(kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
+    else:
+        source_type = ASTSource
+    source = source_type(kernel, sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1), **launch_options()}
     return triton.compile(source, target=target, options=options)
 

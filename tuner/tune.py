@@ -210,8 +210,10 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     from . import cache_writer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in names:
-        variants.get(name)  # unknown names fail before any work
+    for name in names:  # unknown names, and variants this device cannot run, fail before any work
+        reason = variants.get(name).unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(reason)
     device_slug = _cache.slug(_cache.device_name(device))
     storage = storage or default_storage()
     output_dir = Path(output_dir) if output_dir else _cache.search_dirs()[0][1]
