@@ -2,10 +2,11 @@
 
 Each program (a few per SM) takes one contiguous tile of packed words per round. It first copies the
 tile's packed words and absmax words into shared memory with cp.async (the program only reads), then
-decodes from shared memory and writes 16-byte vectors (the program only writes). Mixed reads and
-writes are what keep the word kernels below copy speed on the H100 (docs/performance.md), so this
-separates them in time within each SM. Written in Gluon (Triton's explicit-layout dialect): plain
-Triton has no explicit shared memory. It needs an NVIDIA GPU of compute capability 8.0 or newer
+decodes from shared memory and writes 16-byte vectors (the program only writes). On the H100 the
+codes read alone and the output written alone took less time than the two mixed in one kernel
+(docs/performance.md, session 2); this kernel separates them in time within each program. It wins
+at 12-68 M weights under do_bench, not back to back (docs/performance.md, session 3). Written in
+Gluon (Triton's explicit-layout dialect): plain Triton has no explicit shared memory. It needs an NVIDIA GPU of compute capability 8.0 or newer
 (cp.async); it does not run in Triton's interpreter or on AMD GPUs.
 """
 
