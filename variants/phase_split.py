@@ -127,22 +127,24 @@ def phase_split_kernel(
 
     for r in range(rounds):
         first = ((r * programs + gl.program_id(0)) * per_tile).to(gl.int64) * CHUNK
+        # The last tiles may hold fewer chunks, or none: nothing past the main part is touched.
+        tile_chunks = gl.minimum(per_tile, gl.maximum(gl.cdiv(main_words - first, CHUNK), 0).to(gl.int32))
         # Phase 1: reads only.
-        for c in range(per_tile):
+        for c in range(tile_chunks):
             word = first + c * CHUNK + copy_in_chunk
             cp.async_copy_global_to_shared(codes_smem.index(c), words_ptr + word, mask=word < main_words)
             absmax_word = (first + c * CHUNK) // WPA + a_idx
             cp.async_copy_global_to_shared(absmax_smem.index(c), absmax_words_ptr + absmax_word,
                                            mask=absmax_word < main_words // WPA)
         if DOUBLE_QUANT:
-            last = gl.minimum(first + per_tile * CHUNK, main_words) - 1
+            last = gl.minimum(first + tile_chunks * CHUNK, main_words) - 1
             group = first // GROUP_WORDS + g_idx
             cp.async_copy_global_to_shared(touch_smem, absmax2_ptr + group, mask=group <= last // GROUP_WORDS)
         cp.commit_group()
         cp.wait_group(0)
         gl.thread_barrier()
         # Phase 2: writes only (the loads below hit shared memory and L1).
-        for c in range(per_tile):
+        for c in range(tile_chunks):
             base = first + c * CHUNK
             word = base + in_chunk
             words = codes_smem.index(c).load(L2)
