@@ -176,6 +176,28 @@ def test_merge_replaces_a_corrupt_file_and_keeps_order(tmp_path):
     assert json.loads(path.read_text()) == doc
 
 
+def test_merge_falls_back_to_the_runner_up_when_the_winner_kernel_changed(tmp_path):
+    """A file tuned before a kernel edit: the entry whose winner's kernel changed takes its fastest
+    runner-up whose kernel did not (the hashes the file recorded), with that runner-up's time; an
+    entry with no such runner-up stays as it was (the dispatcher then skips it with a warning)."""
+    per_row = variants.get("per_row").default_config(64)
+    word = variants.get("word_unpack").default_config(64)
+    others = {"word_unpack": {"config": word, "time_us": 2.0}, "per_row": {"config": per_row, "time_us": 3.0},
+              "where_gather": {"config": variants.get("where_gather").default_config(64), "time_us": 1.5}}
+    stale = _entry(TINY, "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16,
+                   others=others, gbps=100.0)
+    alone = _entry(Problem((4, 32)), "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16)
+    hashes = {name: _cache.kernel_hash(name) for name in variants.names()}
+    hashes["where_gather"] = "1" * 16  # changed since too: not a valid runner-up
+    path = tmp_path / "x.json"
+    _write(path, [stale, alone], kernel_hashes=hashes)
+    doc = cache_writer.merge(path, [], {})
+    entry = next(e for e in doc["entries"] if e["shape"] == list(TINY.shape))
+    assert (entry["variant"], entry["config"], entry["time_us"], entry["gbps"]) == ("word_unpack", word, 2.0, 50.0)
+    assert _cache.entry_problem(entry) is None and set(entry["others"]) == {"per_row"}
+    assert next(e for e in doc["entries"] if e["shape"] == [4, 32]) == alone
+
+
 def test_presets_and_shapes():
     presets = load_presets()
     llm = expand(presets["llm"])

@@ -37,11 +37,14 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
     (temp file + os.replace). Two tuners writing one file lose nothing. An entry replaces the one
     with the same problem key unless that one is still valid (current kernels and Triton) and
     faster: merges commute, so workers of one shared study end on its best trials whatever order
-    they finish in. Returns the written document."""
+    they finish in. An old entry whose winner's kernel has changed since falls back to its fastest
+    runner-up whose kernel has not (see :func:`runner_up`). Returns the written document."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=600):
         doc = _read_or_empty(path)
-        by_key = {_cache.entry_key(e): e for e in doc["entries"] if isinstance(e, dict) and _has_key(e)}
+        old_hashes = doc.get("kernel_hashes", {})
+        by_key = {_cache.entry_key(e): runner_up(e, old_hashes) for e in doc["entries"]
+                  if isinstance(e, dict) and _has_key(e)}
         for entry in new_entries:
             key = _cache.entry_key(entry)
             old = by_key.get(key)
@@ -62,6 +65,33 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
             os.unlink(tmp)
             raise
     return ordered
+
+
+def runner_up(entry: dict, old_hashes: dict) -> dict:
+    """``entry`` itself, unless its winner's kernel changed since it was tuned: then the same problem
+    with the fastest other variant measured in that tuning run whose kernel is unchanged (same
+    source hash in ``old_hashes``, the file's hashes when it was written), if there is one. A
+    partial re-tune after a kernel edit thus leaves no entry the dispatcher would have to skip."""
+    winner = entry.get("variant")
+    if winner not in variants.names() or entry.get("kernel_hash") == _cache.kernel_hash(winner):
+        return entry
+    valid = {name: other for name, other in entry.get("others", {}).items()
+             if name in variants.names() and old_hashes.get(name) == _cache.kernel_hash(name)
+             and "config" in other and "time_us" in other}
+    if not valid:
+        return entry
+    name = min(valid, key=lambda n: valid[n]["time_us"])
+    scale = entry["time_us"] / valid[name]["time_us"] if "time_us" in entry else None
+    return {
+        **entry,
+        "variant": name,
+        "config": valid[name]["config"],
+        "time_us": valid[name]["time_us"],
+        **({"gbps": round(entry["gbps"] * scale, 1)} if scale and "gbps" in entry else {}),
+        **({"pct_of_copy": round(entry["pct_of_copy"] * scale, 1)} if scale and "pct_of_copy" in entry else {}),
+        "kernel_hash": _cache.kernel_hash(name),
+        "others": {n: o for n, o in entry.get("others", {}).items() if n in valid and n != name},
+    }
 
 
 def _has_key(entry: dict) -> bool:
