@@ -5,7 +5,7 @@ Public API:
     quantize(weight, *, blocksize=64, double_quant=True, quant_type="nf4") -> (packed, state)
     reference_dequantize(packed, state) -> Tensor       # pure PyTorch ground truth
     explain(packed, state) -> Choice                     # which variant/config would run, and why
-    registry: names(), get(name), register(Variant)
+    registry: names(device=None), get(name), register(Variant)
 
 Importing this package does no GPU work and reads no file: the tuned-config file of a GPU is
 read at the first dequantization on that GPU.
@@ -31,6 +31,6 @@ for _module in pkgutil.iter_modules(__path__):
             pass
 
 __all__ = [
-    "Choice", "QuantState", "Variant", "dequantize", "explain", "get", "names", "patch_bitsandbytes", "quantize",
-    "reference_dequantize", "register",
+    "Choice", "QuantState", "Variant", "VariantUnavailable", "dequantize", "explain", "get", "names",
+    "patch_bitsandbytes", "quantize", "reference_dequantize", "register",
 ]
