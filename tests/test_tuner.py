@@ -187,15 +187,19 @@ def test_merge_falls_back_to_the_runner_up_when_the_winner_kernel_changed(tmp_pa
     stale = _entry(TINY, "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16,
                    others=others, gbps=100.0)
     alone = _entry(Problem((4, 32)), "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16)
+    no_gpu = _entry(Problem((4, 64)), "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16,
+                    others=others, pct_of_copy=None)  # tuned in the interpreter: no copy bandwidth
     hashes = {name: _cache.kernel_hash(name) for name in variants.names()}
     hashes["where_gather"] = "1" * 16  # changed since too: not a valid runner-up
     path = tmp_path / "x.json"
-    _write(path, [stale, alone], kernel_hashes=hashes)
+    _write(path, [stale, alone, no_gpu], kernel_hashes=hashes)
     doc = cache_writer.merge(path, [], {})
     entry = next(e for e in doc["entries"] if e["shape"] == list(TINY.shape))
     assert (entry["variant"], entry["config"], entry["time_us"], entry["gbps"]) == ("word_unpack", word, 2.0, 50.0)
     assert _cache.entry_problem(entry) is None and set(entry["others"]) == {"per_row"}
     assert next(e for e in doc["entries"] if e["shape"] == [4, 32]) == alone
+    entry = next(e for e in doc["entries"] if e["shape"] == [4, 64])
+    assert (entry["variant"], entry["pct_of_copy"], entry["gbps"]) == ("word_unpack", None, 0.5)
 
 
 def test_presets_and_shapes():

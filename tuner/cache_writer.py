@@ -72,26 +72,23 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     with the fastest other variant measured in that tuning run whose kernel is unchanged (same
     source hash in ``old_hashes``, the file's hashes when it was written), if there is one. A
     partial re-tune after a kernel edit thus leaves no entry the dispatcher would have to skip."""
+    registered = variants.names()
     winner = entry.get("variant")
-    if winner not in variants.names() or entry.get("kernel_hash") == _cache.kernel_hash(winner):
+    if winner not in registered or entry.get("kernel_hash") == _cache.kernel_hash(winner):
         return entry
     valid = {name: other for name, other in entry.get("others", {}).items()
-             if name in variants.names() and old_hashes.get(name) == _cache.kernel_hash(name)
+             if name in registered and old_hashes.get(name) == _cache.kernel_hash(name)
              and "config" in other and "time_us" in other}
     if not valid:
         return entry
     name = min(valid, key=lambda n: valid[n]["time_us"])
-    scale = entry["time_us"] / valid[name]["time_us"] if "time_us" in entry else None
-    return {
-        **entry,
-        "variant": name,
-        "config": valid[name]["config"],
-        "time_us": valid[name]["time_us"],
-        **({"gbps": round(entry["gbps"] * scale, 1)} if scale and "gbps" in entry else {}),
-        **({"pct_of_copy": round(entry["pct_of_copy"] * scale, 1)} if scale and "pct_of_copy" in entry else {}),
-        "kernel_hash": _cache.kernel_hash(name),
-        "others": {n: o for n, o in entry.get("others", {}).items() if n in valid and n != name},
-    }
+    best = valid.pop(name)
+    # Throughput scales inversely with time; pct_of_copy is None in a file tuned without a GPU.
+    old_time = entry.get("time_us")
+    rescaled = {field: round(entry[field] * old_time / best["time_us"], 1) for field in ("gbps", "pct_of_copy")
+                if isinstance(old_time, (int, float)) and isinstance(entry.get(field), (int, float))}
+    return {**entry, **rescaled, "variant": name, "config": best["config"], "time_us": best["time_us"],
+            "kernel_hash": _cache.kernel_hash(name), "others": valid}
 
 
 def _has_key(entry: dict) -> bool:
