@@ -1,6 +1,16 @@
 """Assertions shared by the tests."""
 
+import pytest
 import torch
+
+import variants
+
+
+def skip_if_unavailable(name: str, device) -> None:
+    """Skips the test where variant ``name`` cannot run on ``device`` (a Gluon variant off sm_80+)."""
+    reason = variants.get(name).unavailable_reason(device)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import variants
-from helpers import assert_bit_equal, poisoned
+from helpers import assert_bit_equal, poisoned, skip_if_unavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKSIZES = (32, 64, 256, 4096)
@@ -25,12 +25,6 @@ def sample_configs(variant, blocksize):
                         default)
     picked = [default, configs[0], configs[-1], other_decode]
     return [c for i, c in enumerate(picked) if c not in picked[:i]]
-
-
-def skip_if_unavailable(name, device):
-    reason = variants.get(name).unavailable_reason(device)
-    if reason is not None:
-        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import variants
-from helpers import assert_bit_equal, poisoned
+from helpers import assert_bit_equal, poisoned, skip_if_unavailable
 
 pytestmark = pytest.mark.gpu
 
@@ -16,9 +16,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @pytest.mark.parametrize("name", variants.names())
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1024, 4096)])
 def test_llm_size_exact(name, shape):
-    reason = variants.get(name).unavailable_reason("cuda")
-    if reason is not None:
-        pytest.skip(reason)
+    skip_if_unavailable(name, "cuda")
     weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
     expected = variants.reference_dequantize(packed, state)
