@@ -126,9 +126,11 @@ def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 10
     return results
 
 
-def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000) -> dict[str, float]:
+def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000, trials: int = 7) -> dict[str, float]:
     """Host cost per call: the dispatcher vs launching the chosen variant with its config directly,
-    measured as back-to-back loops of ``calls`` calls (launch-bound on small shapes)."""
+    measured as back-to-back loops of ``calls`` calls (launch-bound on small shapes), the best of
+    ``trials`` loops each, alternating: the overhead is a difference of two ~10-25 µs costs, so a
+    slow spell on the host must not land on one side only."""
     device = torch.device(device)
     packed, state = problem.make_inputs(device)
     out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
@@ -137,7 +139,7 @@ def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000
     direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
     dispatched = lambda: variants.dequantize(packed, state, out=out)
     best = {}
-    for name, fn in (("direct", direct), ("dispatcher", dispatched)) * 3:
+    for name, fn in (("direct", direct), ("dispatcher", dispatched)) * trials:
         seconds = timing.loop_seconds([fn], calls)
         best[name] = min(best.get(name, float("inf")), seconds / calls * 1e6)
     best["overhead"] = best["dispatcher"] - best["direct"]
