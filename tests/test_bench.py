@@ -47,7 +47,7 @@ def test_csv_has_one_line_per_row(tmp_path):
             bench._row(SMALL, "word_unpack", "WORDS=256", 12.0, 2000.0)]
     rows[0].speedup_vs_bnb = 1.5
     bench.write_csv(rows, tmp_path / "bench.csv")
-    lines = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    lines = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
     assert [r["provider"] for r in lines] == ["nf4-explorer (dispatcher)", "word_unpack"]
     assert lines[1]["config"] == "WORDS=256" and float(lines[0]["us"]) == 10.0
     assert lines[0]["speedup_vs_bnb"] == "1.5" and lines[1]["speedup_vs_bnb"] == ""
@@ -62,7 +62,7 @@ def test_bench_without_a_gpu_refuses(capsys):
 @pytest.mark.gpu
 def test_bench_command_on_a_small_problem(tmp_path, capsys):
     assert cli.main(["bench", "--shapes", "256x512", "--dtypes", "bfloat16", "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
     providers = [r["provider"] for r in rows]
     expected = ["floor (copy rate + empty launch)", "copy (same bytes)", "nf4-explorer (dispatcher)",
                 *variants.names("cuda"), "torch reference"]
