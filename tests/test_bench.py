@@ -26,14 +26,15 @@ def test_variant_configs_take_the_tuned_winner_and_runners_up_else_defaults():
     other_problem = Problem((512, 512), "bfloat16", 64, True, "nf4")
     entries = [
         _entry(other_problem, "word_unpack", {"WORDS": 128, "TABLE_IN_REGISTERS": False, "num_warps": 8}, {}),
-        _entry(SMALL, "word_unpack", tuned, {"where_gather": runner_up}),
+        _entry(SMALL, "word_unpack", tuned, {"where_gather": runner_up, "phase_split": {
+            "CHUNK": 1024, "STAGED": 13, "CTAS_PER_SM": 4, "num_warps": 8}}),
     ]
     configs = bench.variant_configs(SMALL, entries, "cpu")
     assert configs["word_unpack"] == tuned
     assert configs["where_gather"] == runner_up
     assert configs["per_row"] == variants.get("per_row").default_config(64)
-    # Only what runs on the device: phase_split (a Gluon kernel) not on the CPU.
-    assert set(configs) == set(variants.names("cpu"))
+    # Only what runs on the device: phase_split (a Gluon kernel, tuned above) not on the CPU.
+    assert set(configs) == set(variants.names("cpu")) and "phase_split" not in configs
 
 
 def test_rows_report_bandwidth_and_share_of_copy():
