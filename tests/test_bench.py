@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import variants
-from tuner import bench, cli
+from tuner import bench, cli, timing
 from tuner.problems import Problem
 
 SMALL = Problem((256, 512), "bfloat16", 64, True, "nf4")
@@ -52,6 +52,15 @@ def test_csv_has_one_line_per_row(tmp_path):
     assert [r["provider"] for r in lines] == ["nf4-explorer (dispatcher)", "word_unpack"]
     assert lines[1]["config"] == "WORDS=256" and float(lines[0]["us"]) == 10.0
     assert lines[0]["speedup_vs_bnb"] == "1.5" and lines[1]["speedup_vs_bnb"] == ""
+
+
+def test_best_loop_seconds_alternates_providers_and_keeps_each_best(monkeypatch):
+    runs = []
+    times = iter([5.0, 7.0, 4.0, 9.0, 6.0, 8.0])
+    monkeypatch.setattr(timing, "loop_seconds", lambda calls, repeats: runs.append(calls[0]) or next(times))
+    best = timing.best_loop_seconds({"a": ["a"], "b": ["b"]}, repeats=10, trials=3)
+    assert runs == ["a", "b"] * 3
+    assert best == {"a": 4.0, "b": 7.0}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

@@ -117,10 +117,7 @@ def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 10
     bnb = _bitsandbytes()
     if bnb is not None:
         providers["bitsandbytes"] = [lambda w=w: bnb.dequantize_4bit(*w) for w in weights]
-    results = {name: float("inf") for name in providers}
-    for _ in range(trials):
-        for name, calls in providers.items():
-            results[name] = min(results[name], timing.loop_seconds(calls, repeats))
+    results = timing.best_loop_seconds(providers, repeats, trials)
     # The same calls replayed from a CUDA graph: the loop's GPU time, what no host path can beat.
     results["nf4-explorer GPU time (CUDA graph)"] = timing.graph_loop_seconds(providers["nf4-explorer"], repeats)
     return results
@@ -138,10 +135,8 @@ def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000
     launcher = variants.get(choice.variant)
     direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
     dispatched = lambda: variants.dequantize(packed, state, out=out)
-    best = {}
-    for name, fn in (("direct", direct), ("dispatcher", dispatched)) * trials:
-        seconds = timing.loop_seconds([fn], calls)
-        best[name] = min(best.get(name, float("inf")), seconds / calls * 1e6)
+    seconds = timing.best_loop_seconds({"direct": [direct], "dispatcher": [dispatched]}, calls, trials)
+    best = {name: total / calls * 1e6 for name, total in seconds.items()}
     best["overhead"] = best["dispatcher"] - best["direct"]
     return best
 

@@ -60,6 +60,16 @@ def loop_seconds(calls, repeats: int = 1000) -> float:
     return time.perf_counter() - start
 
 
+def best_loop_seconds(providers: dict[str, list], repeats: int, trials: int) -> dict[str, float]:
+    """The best of ``trials`` :func:`loop_seconds` runs for each provider's calls, the providers
+    alternating within each trial, so that a slow spell on the host hits every provider."""
+    best = {name: float("inf") for name in providers}
+    for _ in range(trials):
+        for name, calls in providers.items():
+            best[name] = min(best[name], loop_seconds(calls, repeats))
+    return best
+
+
 def graph_loop_seconds(calls, repeats: int = 1000) -> float:
     """Like :func:`loop_seconds`, with one round of ``calls`` captured in a CUDA graph and replayed:
     no host cost per call, so this is the loop's GPU time."""
