@@ -33,7 +33,7 @@ def device():
 @pytest.fixture(autouse=True)
 def _isolated_dispatch(tmp_path, monkeypatch):
     """Every test starts with no memoized choices and reads tuned files only from its own tmp dir."""
-    import variants._dispatch as dispatch
+    import nf4_explorer._dispatch as dispatch
 
     monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(tmp_path / "tuned"))
     monkeypatch.delenv("NF4_EXPLORER_VARIANT", raising=False)

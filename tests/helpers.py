@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import variants
+import nf4_explorer
 
 
 def skip_if_unavailable(name: str, device) -> None:
     """Skips the test where variant ``name`` cannot run on ``device`` (a Gluon variant off sm_80+)."""
-    reason = variants.get(name).unavailable_reason(device)
+    reason = nf4_explorer.get(name).unavailable_reason(device)
     if reason is not None:
         pytest.skip(reason)
 

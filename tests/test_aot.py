@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import variants
-from tuner.aot import TARGETS, supports
+import nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, supports
 
 
 def _run(code_or_module_args):
@@ -25,11 +25,11 @@ def _run(code_or_module_args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(TARGETS))
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 def test_every_config_compiles(name, target):
     if not supports(name, target):
         pytest.skip(f"{name} is not built for {target}")
-    report = json.loads(_run(["-m", "tuner.aot", name, target]).strip().splitlines()[-1])
+    report = json.loads(_run(["-m", "nf4_explorer.tuner.aot", name, target]).strip().splitlines()[-1])
     assert report["tried"] > 0
     assert not report["failures"], (
         f"{len(report['failures'])} of {report['tried']} configs of {name} fail for {target}:\n"
@@ -38,16 +38,16 @@ def test_every_config_compiles(name, target):
 
 
 CHECK_PTX = """
-import sys, variants
-from tuner.aot import TARGETS, compile_config
+import sys, nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, compile_config
 name = sys.argv[1]
-ptx = compile_config(name, variants.get(name).default_config(64), TARGETS["sm_90"]).asm["ptx"]
+ptx = compile_config(name, nf4_explorer.get(name).default_config(64), TARGETS["sm_90"]).asm["ptx"]
 vector_stores = [l for l in ptx.splitlines() if "st.global" in l and (".v2." in l or ".v4." in l)]
 print(int("fma.rn.f32" in ptx), int(bool(vector_stores)))
 """
 
 
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 def test_no_fused_multiply_add_and_vector_stores_on_hopper(name):
     """The double-quant absmax must round the multiply and the add separately (as bitsandbytes
     does), and the bfloat16 output must be written with vector stores for aligned sizes (a variant
@@ -58,13 +58,13 @@ def test_no_fused_multiply_add_and_vector_stores_on_hopper(name):
 
 
 FIT_CHECK = """
-import json, variants
-from variants.phase_split import SHARED_BYTES_PER_SM
-from tuner.aot import TARGETS, compile_config
+import json, nf4_explorer
+from nf4_explorer.phase_split import SHARED_BYTES_PER_SM
+from nf4_explorer.tuner.aot import TARGETS, compile_config
 over = []
 for blocksize in (32, 64, 256, 4096):
     for double_quant in (True, False):
-        for config in variants.get("phase_split").configs(blocksize):
+        for config in nf4_explorer.get("phase_split").configs(blocksize):
             shared = compile_config("phase_split", config, TARGETS["sm_90"], blocksize=blocksize,
                                     double_quant=double_quant).metadata.shared
             if shared * config["CTAS_PER_SM"] > SHARED_BYTES_PER_SM:

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import variants
-from tuner import bench, cli, timing
-from tuner.problems import Problem
+import nf4_explorer
+from nf4_explorer.tuner import bench, cli, timing
+from nf4_explorer.tuner.problems import Problem
 
 SMALL = Problem((256, 512), "bfloat16", 64, True, "nf4")
 
@@ -32,9 +32,9 @@ def test_variant_configs_take_the_tuned_winner_and_runners_up_else_defaults():
     configs = bench.variant_configs(SMALL, entries, "cpu")
     assert configs["word_unpack"] == tuned
     assert configs["where_gather"] == runner_up
-    assert configs["per_row"] == variants.get("per_row").default_config(64)
+    assert configs["per_row"] == nf4_explorer.get("per_row").default_config(64)
     # Only what runs on the device: phase_split (a Gluon kernel, tuned above) not on the CPU.
-    assert set(configs) == set(variants.names("cpu")) and "phase_split" not in configs
+    assert set(configs) == set(nf4_explorer.names("cpu")) and "phase_split" not in configs
 
 
 def test_rows_report_bandwidth_and_share_of_copy():
@@ -75,7 +75,7 @@ def test_bench_command_on_a_small_problem(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
     providers = [r["provider"] for r in rows]
     expected = ["floor (copy rate + empty launch)", "copy (same bytes)", "nf4-explorer (dispatcher)",
-                *variants.names("cuda"), "torch reference"]
+                *nf4_explorer.names("cuda"), "torch reference"]
     assert [p for p in providers if p != "bitsandbytes"] == expected
     assert all(float(r["us"]) > 0 and float(r["gbps"]) > 0 for r in rows)
     assert (tmp_path / "bench.png").stat().st_size > 0

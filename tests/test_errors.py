@@ -3,53 +3,53 @@
 import pytest
 import torch
 
-import variants
+import nf4_explorer
 
 
 @pytest.fixture
 def problem(device):
     weight = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
-    return variants.quantize(weight, blocksize=64, double_quant=True)
+    return nf4_explorer.quantize(weight, blocksize=64, double_quant=True)
 
 
 def test_wrong_packed_dtype(problem):
     packed, state = problem
     with pytest.raises(TypeError, match="packed must be torch.uint8"):
-        variants.dequantize(packed.to(torch.int16), state)
+        nf4_explorer.dequantize(packed.to(torch.int16), state)
 
 
 def test_packed_size_mismatch(problem):
     packed, state = problem
     with pytest.raises(ValueError, match=r"needs ceil\(256/2\) = 128"):
-        variants.dequantize(packed[:-1], state)
+        nf4_explorer.dequantize(packed[:-1], state)
 
 
 def test_absmax_length_mismatch(problem):
     packed, state = problem
     state.absmax = state.absmax[:-1]
     with pytest.raises(ValueError, match="blocksize or shape does not match its absmax"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 def test_unsupported_blocksize(problem):
     packed, state = problem
     state.blocksize = 48
     with pytest.raises(ValueError, match="unsupported blocksize 48"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 def test_unsupported_quant_type(problem):
     packed, state = problem
     state.quant_type = "int4"
     with pytest.raises(ValueError, match="unsupported quant_type 'int4'"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 def test_unsupported_output_dtype(problem):
     packed, state = problem
     state.dtype = torch.int8
     with pytest.raises(ValueError, match="unsupported output dtype"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 @pytest.mark.parametrize("bad_out, error, message", [
@@ -60,7 +60,7 @@ def test_unsupported_output_dtype(problem):
 def test_bad_out(problem, device, bad_out, error, message):
     packed, state = problem
     with pytest.raises(error, match=message):
-        variants.dequantize(packed, state, out=bad_out(device))
+        nf4_explorer.dequantize(packed, state, out=bad_out(device))
 
 
 def test_out_on_another_device(problem, device):
@@ -68,54 +68,54 @@ def test_out_on_another_device(problem, device):
         pytest.skip("needs a second device")
     packed, state = problem
     with pytest.raises(ValueError, match="out is on cpu but packed is on cuda"):
-        variants.dequantize(packed, state, out=torch.empty(4, 64, dtype=torch.bfloat16))
+        nf4_explorer.dequantize(packed, state, out=torch.empty(4, 64, dtype=torch.bfloat16))
 
 
 def test_cpu_tensors_without_interpreter(problem, monkeypatch):
     packed, state = problem
     if packed.is_cuda:
-        packed, state = packed.cpu(), variants.quantize(torch.randn(4, 64, dtype=torch.bfloat16), blocksize=64)[1]
+        packed, state = packed.cpu(), nf4_explorer.quantize(torch.randn(4, 64, dtype=torch.bfloat16), blocksize=64)[1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 def test_state_missing_fields(problem):
     packed, _ = problem
     with pytest.raises(TypeError, match="state has no absmax"):
-        variants.dequantize(packed, object())
+        nf4_explorer.dequantize(packed, object())
 
 
 def test_double_quant_without_offset(problem):
     packed, state = problem
     state.offset = None
     with pytest.raises(ValueError, match="no offset"):
-        variants.dequantize(packed, state)
+        nf4_explorer.dequantize(packed, state)
 
 
 def test_unknown_variant_lists_the_names(problem):
     packed, state = problem
     with pytest.raises(ValueError, match="registered variants are"):
-        variants.dequantize(packed, state, variant="nope")
+        nf4_explorer.dequantize(packed, state, variant="nope")
 
 
 def test_config_outside_space(problem):
     packed, state = problem
     with pytest.raises(ValueError, match="outside the search space"):
-        variants.dequantize(packed, state, variant="where_gather",
+        nf4_explorer.dequantize(packed, state, variant="where_gather",
                             config={"BLOCK": 3, "TABLE_IN_REGISTERS": True, "num_warps": 4})
 
 
 def test_config_with_unknown_key(problem):
     packed, state = problem
     with pytest.raises(ValueError, match="unknown keys"):
-        variants.dequantize(packed, state, variant="where_gather", config={"BLOCK": 1024, "FOO": 1})
+        nf4_explorer.dequantize(packed, state, variant="where_gather", config={"BLOCK": 1024, "FOO": 1})
 
 
 def test_config_without_variant(problem):
     packed, state = problem
     with pytest.raises(ValueError, match="config= needs variant="):
-        variants.dequantize(packed, state, config={"BLOCK": 1024})
+        nf4_explorer.dequantize(packed, state, config={"BLOCK": 1024})
 
 
 @pytest.mark.parametrize("where", ["state.absmax", "state.state2.code", "state.state2.absmax", "state.offset", "out"])
@@ -130,20 +130,20 @@ def test_state_tensor_on_another_device(problem, device, where):
         owner, attribute = (state.state2, where.rsplit(".", 1)[1]) if "state2" in where else (state, where.split(".")[1])
         setattr(owner, attribute, getattr(owner, attribute).to("meta"))
     with pytest.raises(ValueError, match=f"{where} is on meta but packed is on {device.type}"):
-        variants.dequantize(packed, state, out=out)
+        nf4_explorer.dequantize(packed, state, out=out)
 
 
 def test_variant_that_needs_a_newer_gpu_says_so(problem, device):
     """phase_split (Gluon, cp.async) cannot run in the interpreter or below compute capability 8.0:
     asking for it explicitly names the requirement; the dispatcher and the tuner never offer it there."""
     packed, state = problem
-    reason = variants.get("phase_split").unavailable_reason(device)
+    reason = nf4_explorer.get("phase_split").unavailable_reason(device)
     if reason is None:
         pytest.skip("this GPU runs phase_split")
     with pytest.raises(ValueError, match="needs an NVIDIA GPU of compute capability 8.0 or newer"):
-        variants.dequantize(packed, state, variant="phase_split")
-    assert "phase_split" not in variants.names(device)
-    assert "phase_split" in variants.names()
+        nf4_explorer.dequantize(packed, state, variant="phase_split")
+    assert "phase_split" not in nf4_explorer.names(device)
+    assert "phase_split" in nf4_explorer.names()
 
 
 def test_variant_module_for_a_newer_triton_is_left_out(monkeypatch):
@@ -153,8 +153,8 @@ def test_variant_module_for_a_newer_triton_is_left_out(monkeypatch):
 
     import triton
 
-    import variants.phase_split
+    import nf4_explorer.phase_split
 
     monkeypatch.setattr(triton, "__version__", "3.5.0")
-    with pytest.raises(variants.VariantUnavailable, match="needs Triton 3.6 or newer"):
-        importlib.reload(variants.phase_split)
+    with pytest.raises(nf4_explorer.VariantUnavailable, match="needs Triton 3.6 or newer"):
+        importlib.reload(nf4_explorer.phase_split)

@@ -9,7 +9,7 @@ more than 256 blocks (two double-quant groups).
 import pytest
 import torch
 
-import variants
+import nf4_explorer
 from helpers import assert_bit_equal, poisoned, skip_if_unavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,39 +30,39 @@ def sample_configs(variant, blocksize):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "fp32absmax"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 def test_variant_exact(name, dtype, double_quant, quant_type, device):
     skip_if_unavailable(name, device)
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     for blocksize in BLOCKSIZES:
         for shape in SHAPES:
             weight = torch.randn(shape, dtype=dtype, device=device) * 3
-            packed, state = variants.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
-            expected = variants.reference_dequantize(packed, state)
+            packed, state = nf4_explorer.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+            expected = nf4_explorer.reference_dequantize(packed, state)
             for config in sample_configs(variant, blocksize):
                 out = poisoned(shape, dtype, device)
-                result = variants.dequantize(packed, state, out=out, variant=name, config=config)
+                result = nf4_explorer.dequantize(packed, state, out=out, variant=name, config=config)
                 assert result is out
                 assert_bit_equal(out, expected, f"{name} {config} bs={blocksize} shape={shape}")
 
 
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 def test_variant_allocates_output_and_accepts_2d_packed(name, device):
     skip_if_unavailable(name, device)
     weight = torch.randn(6, 96, dtype=torch.bfloat16, device=device)
-    packed, state = variants.quantize(weight, blocksize=32)
-    expected = variants.reference_dequantize(packed, state)
-    result = variants.dequantize(packed.view(6, 48), state, variant=name)
+    packed, state = nf4_explorer.quantize(weight, blocksize=32)
+    expected = nf4_explorer.reference_dequantize(packed, state)
+    result = nf4_explorer.dequantize(packed.view(6, 48), state, variant=name)
     assert result.shape == weight.shape and result.dtype == weight.dtype
     assert_bit_equal(result, expected, name)
 
 
 def test_non_contiguous_packed_is_copied(device):
     weight = torch.randn(4, 64, dtype=torch.float16, device=device)
-    packed, state = variants.quantize(weight, blocksize=64)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64)
     strided = torch.stack([packed.view(4, 32), packed.view(4, 32)], dim=2)[..., 0]  # same bytes, not contiguous
     assert not strided.is_contiguous()
-    assert_bit_equal(variants.dequantize(strided, state), variants.reference_dequantize(packed, state))
+    assert_bit_equal(nf4_explorer.dequantize(strided, state), nf4_explorer.reference_dequantize(packed, state))
 
 
 def test_reference_matches_formula_on_a_hand_built_state():
@@ -70,31 +70,31 @@ def test_reference_matches_formula_on_a_hand_built_state():
     codes = torch.arange(64) % 16
     packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
     absmax = torch.tensor([2.0, 0.5])
-    state = variants.QuantState(absmax=absmax, shape=torch.Size([64]), dtype=torch.float32, blocksize=32, quant_type="nf4")
-    table = torch.tensor(variants._format.NF4_TABLE)
+    state = nf4_explorer.QuantState(absmax=absmax, shape=torch.Size([64]), dtype=torch.float32, blocksize=32, quant_type="nf4")
+    table = torch.tensor(nf4_explorer._format.NF4_TABLE)
     expected = table[codes] * absmax.repeat_interleave(32)
-    assert_bit_equal(variants.reference_dequantize(packed, state), expected)
+    assert_bit_equal(nf4_explorer.reference_dequantize(packed, state), expected)
 
 
 def test_double_quant_absmax_rounds_multiply_then_add():
     # float32(code2[q] * absmax2) + offset, two roundings: with these values a fused multiply-add
     # would give a different last bit.
-    from variants._reference import reference_absmax
+    from nf4_explorer._reference import reference_absmax
 
     code2 = torch.zeros(256)
     code2[1] = 1.0 + 2**-23
-    state2 = variants.QuantState(absmax=torch.tensor([1.0 + 2**-23]), shape=torch.Size([1]), dtype=torch.float32, code=code2,
+    state2 = nf4_explorer.QuantState(absmax=torch.tensor([1.0 + 2**-23]), shape=torch.Size([1]), dtype=torch.float32, code=code2,
                                  blocksize=256)
-    state = variants.QuantState(absmax=torch.tensor([1], dtype=torch.uint8), shape=torch.Size([32]),
+    state = nf4_explorer.QuantState(absmax=torch.tensor([1], dtype=torch.uint8), shape=torch.Size([32]),
                                 dtype=torch.float32, blocksize=32, offset=torch.tensor(-1.0), state2=state2)
     product = torch.tensor(1.0 + 2**-23) * torch.tensor(1.0 + 2**-23)  # rounds to 1 + 2**-22
     assert reference_absmax(state).item() == (product - 1.0).item() == 2**-22
 
 
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 def test_variant_follows_the_shared_kernel_interface(name):
     """The launcher passes the runtime arguments first, in this order, then constexprs by name."""
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     arg_names = variant.kernel.arg_names
     assert arg_names[:10] == ["packed_ptr", "absmax_ptr", "code2_ptr", "absmax2_ptr", "offset_ptr", "table_ptr",
                               "out_ptr", "n", "n_rows", "n_cols"]

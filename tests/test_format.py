@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import variants
-from variants import _format, _reference
+import nf4_explorer
+from nf4_explorer import _format, _reference
 from helpers import assert_bit_equal
 
 
@@ -16,7 +16,7 @@ def test_fp4_table_is_bitsandbytes_values_over_12_in_float32():
 
 def test_quantize_shape_and_nibble_order():
     weight = torch.tensor([[-1.0, 1.0, 0.0, 1.0]])
-    packed, state = variants.quantize(weight, blocksize=32, double_quant=False)
+    packed, state = nf4_explorer.quantize(weight, blocksize=32, double_quant=False)
     # -1 -> code 0, 1 -> code 15, 0 -> code 7; element 0 in the high nibble.
     assert packed.shape == (2, 1)
     assert packed.reshape(-1).tolist() == [0x0F, 0x7F]
@@ -24,7 +24,7 @@ def test_quantize_shape_and_nibble_order():
 
 
 def test_quantize_odd_length_pads_with_the_code_of_zero():
-    packed, _ = variants.quantize(torch.tensor([1.0, -1.0, 0.5]), blocksize=32, double_quant=False)
+    packed, _ = nf4_explorer.quantize(torch.tensor([1.0, -1.0, 0.5]), blocksize=32, double_quant=False)
     assert packed.numel() == 2
     assert packed.reshape(-1)[1].item() & 0xF == 7  # NF4 code of 0.0, as bitsandbytes' zero-filled load
 
@@ -34,12 +34,12 @@ def test_quantize_odd_length_pads_with_the_code_of_zero():
 ])
 def test_quantize_rejects_bad_arguments(bad, error):
     with pytest.raises(error, match="use one of"):
-        variants.quantize(torch.randn(64), **bad)
+        nf4_explorer.quantize(torch.randn(64), **bad)
 
 
 def test_quantize_rejects_integer_weights():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        variants.quantize(torch.ones(64, dtype=torch.int32))
+        nf4_explorer.quantize(torch.ones(64, dtype=torch.int32))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU bitsandbytes in the interpreter; test_gpu.py covers CUDA")
@@ -62,10 +62,10 @@ class TestAgainstBitsandbytes:
         packed, state = self.bnb.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
                                                quant_type=quant_type)
         expected = self.bnb.dequantize_4bit(packed, state)
-        assert_bit_equal(variants.reference_dequantize(packed, state), expected, "reference")
-        for name in variants.names(expected.device):
+        assert_bit_equal(nf4_explorer.reference_dequantize(packed, state), expected, "reference")
+        for name in nf4_explorer.names(expected.device):
             out = torch.full_like(expected, float("nan"))
-            variants.dequantize(packed, state, out=out, variant=name)
+            nf4_explorer.dequantize(packed, state, out=out, variant=name)
             assert_bit_equal(out, expected, name)
 
     @pytest.mark.parametrize("double_quant", [True, False])
@@ -75,7 +75,7 @@ class TestAgainstBitsandbytes:
         # decision tree computes too. (Its CPU FP4 quantizer uses a table rounded to 4 digits and
         # differs from the CUDA kernel; FP4 bytes are compared with CUDA in test_gpu.py.)
         weight = torch.randn(33, 517, dtype=dtype)
-        packed, state = variants.quantize(weight, blocksize=64, double_quant=double_quant)
+        packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=double_quant)
         bnb_packed, bnb_state = self.bnb.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
                                                        quant_type="nf4")
         assert_bit_equal(packed, bnb_packed, "packed")

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-import variants
+import nf4_explorer
 from helpers import assert_bit_equal, poisoned, skip_if_unavailable
 
 pytestmark = pytest.mark.gpu
@@ -13,15 +13,15 @@ pytestmark = pytest.mark.gpu
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@pytest.mark.parametrize("name", variants.names())
+@pytest.mark.parametrize("name", nf4_explorer.names())
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1024, 4096)])
 def test_llm_size_exact(name, shape):
     skip_if_unavailable(name, "cuda")
     weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
-    expected = variants.reference_dequantize(packed, state)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=True)
+    expected = nf4_explorer.reference_dequantize(packed, state)
     out = poisoned(shape, torch.bfloat16, "cuda")
-    variants.dequantize(packed, state, out=out, variant=name)
+    nf4_explorer.dequantize(packed, state, out=out, variant=name)
     assert_bit_equal(out, expected, f"{name} {shape}")
 
 
@@ -39,7 +39,7 @@ def _assert_fp4_codes_differ_only_on_thresholds(weight, packed, bnb_packed, bloc
     bad = (ours != theirs).nonzero().reshape(-1)
     if bad.numel() == 0:
         return
-    _, absmax = variants._reference._blockwise_absmax(weight.reshape(-1).float(), blocksize)
+    _, absmax = nf4_explorer._reference._blockwise_absmax(weight.reshape(-1).float(), blocksize)
     scaled = weight.reshape(-1).float()[bad] * (1.0 / absmax[bad // blocksize])
     distance = (scaled.abs()[:, None] - FP4_THRESHOLDS.to(scaled.device)[None, :]).abs().min(dim=1).values
     ulp = torch.finfo(torch.float32).eps * scaled.abs().clamp(min=2**-10)
@@ -65,7 +65,7 @@ def test_bit_equal_with_bitsandbytes(case):
     bnb_packed, bnb_state = bnb.quantize_4bit(
         weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
     )
-    packed, state = variants.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+    packed, state = nf4_explorer.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
     if quant_type == "nf4":
         assert_bit_equal(packed, bnb_packed, "quantize bytes")
     else:
@@ -77,35 +77,35 @@ def test_bit_equal_with_bitsandbytes(case):
     else:
         assert_bit_equal(state.absmax, bnb_state.absmax, "absmax")
     expected = bnb.dequantize_4bit(bnb_packed, bnb_state)
-    for name in variants.names("cuda"):
+    for name in nf4_explorer.names("cuda"):
         out = poisoned(shape, dtype, "cuda")
-        variants.dequantize(bnb_packed, bnb_state, out=out, variant=name)
+        nf4_explorer.dequantize(bnb_packed, bnb_state, out=out, variant=name)
         assert_bit_equal(out, expected, f"{name} vs bitsandbytes {case}")
-    assert_bit_equal(variants.dequantize(bnb_packed, bnb_state), expected, "dispatcher vs bitsandbytes")
-    assert_bit_equal(variants.reference_dequantize(bnb_packed, bnb_state), expected, "reference vs bitsandbytes")
+    assert_bit_equal(nf4_explorer.dequantize(bnb_packed, bnb_state), expected, "dispatcher vs bitsandbytes")
+    assert_bit_equal(nf4_explorer.reference_dequantize(bnb_packed, bnb_state), expected, "reference vs bitsandbytes")
 
 
 def _fresh_problem(shape=(1024, 4096), seed=0):
     torch.manual_seed(seed)
     weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
-    return packed, state, variants.reference_dequantize(packed, state)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=True)
+    return packed, state, nf4_explorer.reference_dequantize(packed, state)
 
 
 def test_fast_launch_serves_new_data_exactly():
-    """The second call of a problem goes through the cached launcher (variants/_registry.py) with
+    """The second call of a problem goes through the cached launcher (nf4_explorer/_launch.py) with
     the new call's pointers: new weights of the same shape, into a poisoned output, stay exact."""
-    from variants import _registry
+    from nf4_explorer import _launch
 
-    variants.dequantize(*_fresh_problem(seed=1)[:2])  # compiles and remembers the launch
-    ready_before = len(_registry._READY)
+    nf4_explorer.dequantize(*_fresh_problem(seed=1)[:2])  # compiles and remembers the launch
+    ready_before = len(_launch._READY)
     assert ready_before > 0, "the first launch left no cached launcher"
     for seed in (2, 3):
         packed, state, expected = _fresh_problem(seed=seed)
         out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
-        variants.dequantize(packed, state, out=out)
+        nf4_explorer.dequantize(packed, state, out=out)
         assert_bit_equal(out, expected, f"fast launch, seed {seed}")
-    assert len(_registry._READY) == ready_before, "same problem, new cache entry: the fast path was not taken"
+    assert len(_launch._READY) == ready_before, "same problem, new cache entry: the fast path was not taken"
 
 
 def test_launch_hooks_are_honoured():
@@ -114,13 +114,13 @@ def test_launch_hooks_are_honoured():
     if not hasattr(knobs.runtime.launch_enter_hook, "add"):
         pytest.skip("this Triton has no HookChain launch hooks")
     packed, state, expected = _fresh_problem(seed=4)
-    variants.dequantize(packed, state)  # cached launcher ready
+    nf4_explorer.dequantize(packed, state)  # cached launcher ready
     seen = []
     hook = lambda metadata: seen.append(metadata)  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
-        variants.dequantize(packed, state, out=out)
+        nf4_explorer.dequantize(packed, state, out=out)
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert len(seen) == 1
@@ -136,7 +136,7 @@ def test_unaligned_state_tensors_take_the_normal_launch():
     assert state.absmax.data_ptr() % 16
     for _ in range(2):
         out = poisoned(tuple(state.shape), torch.bfloat16, "cuda")
-        variants.dequantize(packed, state, out=out)
+        nf4_explorer.dequantize(packed, state, out=out)
         assert_bit_equal(out, expected, "unaligned absmax")
 
 
@@ -147,11 +147,11 @@ def test_weights_on_another_gpu():
     assert torch.cuda.current_device() == 0
     torch.manual_seed(6)
     weight = torch.randn((1024, 4096), device="cuda:1", dtype=torch.bfloat16)
-    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
-    expected = variants.reference_dequantize(packed, state)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=True)
+    expected = nf4_explorer.reference_dequantize(packed, state)
     for _ in range(2):
-        out = variants.dequantize(packed, state)
+        out = nf4_explorer.dequantize(packed, state)
         assert out.device == torch.device("cuda:1")
         assert_bit_equal(out, expected, "weights on cuda:1, current device cuda:0")
     bnb = pytest.importorskip("bitsandbytes.functional")
-    assert_bit_equal(variants.dequantize(packed, state), bnb.dequantize_4bit(packed, state), "vs bitsandbytes on cuda:1")
+    assert_bit_equal(nf4_explorer.dequantize(packed, state), bnb.dequantize_4bit(packed, state), "vs bitsandbytes on cuda:1")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import variants
-from variants._registry import Variant
+import nf4_explorer
+from nf4_explorer._registry import Variant
 from helpers import assert_bit_equal
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -28,11 +28,11 @@ def launches(monkeypatch):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_torch_compile_fullgraph_same_bits(device, double_quant, launches):
     weight = torch.randn(32, 64, dtype=torch.bfloat16, device=device)
-    packed, state = variants.quantize(weight, double_quant=double_quant)
+    packed, state = nf4_explorer.quantize(weight, double_quant=double_quant)
     x = torch.randn(5, 64, dtype=torch.bfloat16, device=device)
 
     def layer(x, packed, state):
-        return torch.nn.functional.linear(x, variants.dequantize(packed, state))
+        return torch.nn.functional.linear(x, nf4_explorer.dequantize(packed, state))
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
@@ -41,19 +41,19 @@ def test_torch_compile_fullgraph_same_bits(device, double_quant, launches):
 
 
 def test_custom_op_fake_gives_shape_and_dtype():
-    packed, state = variants.quantize(torch.randn(8, 64, dtype=torch.float16), double_quant=True)
+    packed, state = nf4_explorer.quantize(torch.randn(8, 64, dtype=torch.float16), double_quant=True)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
-        fake = variants._op.call_op(mode.from_tensor(packed), _fake_state(mode, state))
+        fake = nf4_explorer._op.call_op(mode.from_tensor(packed), _fake_state(mode, state))
     assert fake.shape == (8, 64) and fake.dtype == torch.float16
 
 
 def _fake_state(mode, state):
     s2 = state.state2
-    fake2 = variants.QuantState(absmax=mode.from_tensor(s2.absmax), shape=s2.shape, dtype=s2.dtype,
+    fake2 = nf4_explorer.QuantState(absmax=mode.from_tensor(s2.absmax), shape=s2.shape, dtype=s2.dtype,
                                 blocksize=s2.blocksize, code=mode.from_tensor(s2.code))
-    return variants.QuantState(absmax=mode.from_tensor(state.absmax), shape=state.shape, dtype=state.dtype,
+    return nf4_explorer.QuantState(absmax=mode.from_tensor(state.absmax), shape=state.shape, dtype=state.dtype,
                                blocksize=state.blocksize, quant_type=state.quant_type,
                                offset=mode.from_tensor(state.offset), state2=fake2)
 
@@ -62,15 +62,15 @@ def test_patch_is_a_context_manager_and_restores(device, launches):
     weight = torch.randn(16, 64, dtype=torch.float16, device=device)
     packed, state = F.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     original = F.dequantize_4bit
-    with variants.patch_bitsandbytes():
+    with nf4_explorer.patch_bitsandbytes():
         assert F.dequantize_4bit is not original
         patched = F.dequantize_4bit(packed, state)
         with pytest.raises(RuntimeError, match="already patched"):
-            variants.patch_bitsandbytes()
+            nf4_explorer.patch_bitsandbytes()
     assert F.dequantize_4bit is original
     assert launches
     assert_bit_equal(patched, original(packed, state))
-    handle = variants.patch_bitsandbytes()
+    handle = nf4_explorer.patch_bitsandbytes()
     handle.restore()
     handle.restore()
     assert F.dequantize_4bit is original
@@ -89,7 +89,7 @@ def test_linear4bit_patched_equals_unpatched(device, quant_type, compress_statis
     grad = torch.randn(2, 7, 48, dtype=dtype, device=device)
     expected = layer(x)
     (expected_grad,) = torch.autograd.grad(expected, x, grad)
-    with variants.patch_bitsandbytes():
+    with nf4_explorer.patch_bitsandbytes():
         patched = layer(x)
         (patched_grad,) = torch.autograd.grad(patched, x, grad)
     assert len(launches) == 1, "the backward did not dequantize through nf4-explorer"
@@ -130,7 +130,7 @@ def test_small_llama_logits_and_gradients_patched_equal_unpatched(launches):
         return logits.detach(), grad
 
     expected_logits, expected_grad = run()
-    with variants.patch_bitsandbytes():
+    with nf4_explorer.patch_bitsandbytes():
         logits, grad = run()
     assert launches, "the backward did not dequantize through nf4-explorer"
     assert_bit_equal(logits, expected_logits, "logits")

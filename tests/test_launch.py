@@ -1,19 +1,19 @@
-"""The cached launch path's decisions (variants/_registry.py), checked without a GPU: which calls may
+"""The cached launch path's decisions (nf4_explorer/_launch.py), checked without a GPU: which calls may
 reuse a cached launcher and when Triton's own launch must run instead. The launches themselves are
 checked on a GPU in test_gpu.py."""
 
 import pytest
 import torch
 
-import variants
-from variants import _registry
-from variants._format import prepare
+import nf4_explorer
+from nf4_explorer import _launch
+from nf4_explorer._format import prepare
 
 
 @pytest.fixture
 def args(device):
     weight = torch.randn(8, 128, dtype=torch.bfloat16, device=device)
-    packed, state = variants.quantize(weight, blocksize=64, double_quant=True)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=True)
     return prepare(packed, state, None)
 
 
@@ -21,11 +21,15 @@ CONFIG = {"WORDS": 128, "TABLE_IN_REGISTERS": False, "num_warps": 2}
 
 
 def _key(args, pointers, config=CONFIG):
-    return _registry._ready_key("word_unpack", args, config, pointers, 0)
+    """The cache key of a launch of ``args`` whose packed, absmax, code2, absmax2, offset and out
+    sit at ``pointers`` (the table at an aligned address)."""
+    runtime = args.kernel_arguments().runtime
+    values = [*pointers[:5], 4096, pointers[5], *runtime[7:]]
+    return _launch._ready_key("word_unpack", runtime, values, config, 0)
 
 
 def test_aligned_pointers_share_one_key_misaligned_get_none(args):
-    if not _registry._FAST_LAUNCH_OK[0]:
+    if not _launch._FAST_LAUNCH_OK[0]:
         pytest.skip("this Triton has no fast launch path")
     aligned = (4096, 8192, 12288, 16384, 20480, 24576)
     other_aligned = tuple(p + (1 << 20) for p in aligned)
@@ -37,15 +41,15 @@ def test_aligned_pointers_share_one_key_misaligned_get_none(args):
 
 
 def test_key_separates_configs_sizes_and_dtypes(args, device):
-    if not _registry._FAST_LAUNCH_OK[0]:
+    if not _launch._FAST_LAUNCH_OK[0]:
         pytest.skip("this Triton has no fast launch path")
     pointers = (4096,) * 6
     base = _key(args, pointers)
     assert _key(args, pointers, {**CONFIG, "WORDS": 256}) != base
     weight = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
-    wider = prepare(*variants.quantize(weight, blocksize=64, double_quant=True), None)
+    wider = prepare(*nf4_explorer.quantize(weight, blocksize=64, double_quant=True), None)
     assert _key(wider, pointers) != base
-    half = prepare(*variants.quantize(torch.randn(8, 128, dtype=torch.float16, device=device)), None)
+    half = prepare(*nf4_explorer.quantize(torch.randn(8, 128, dtype=torch.float16, device=device)), None)
     assert _key(half, pointers) != base
 
 
@@ -54,12 +58,12 @@ def test_launch_hooks_turn_the_cached_launch_off():
     chain = knobs.runtime.launch_enter_hook
     if not hasattr(chain, "add"):
         pytest.skip("this Triton has no HookChain launch hooks")
-    assert _registry._no_hook(None)
-    assert _registry._no_hook(chain)
+    assert _launch._no_hook(None)
+    assert _launch._no_hook(chain)
     hook = lambda metadata: None  # noqa: E731
     chain.add(hook)
     try:
-        assert not _registry._no_hook(chain)
+        assert not _launch._no_hook(chain)
     finally:
         chain.remove(hook)
-    assert not _registry._no_hook(hook), "a plain callable (older Triton) is a hook"
+    assert not _launch._no_hook(hook), "a plain callable (older Triton) is a hook"

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
-import variants
-from variants import _cache, _dispatch
-from tuner import cache_writer, cli
-from tuner.problems import Problem, expand, load_presets, parse_shapes
-from tuner.tune import Workload, optuna_search, tune
+import nf4_explorer
+from nf4_explorer import _cache, _dispatch
+from nf4_explorer.tuner import cache_writer, cli
+from nf4_explorer.tuner.problems import Problem, expand, load_presets, parse_shapes
+from nf4_explorer.tuner.tune import Workload, optuna_search, tune
 from helpers import assert_bit_equal
 
 TINY = Problem((8, 64), "bfloat16", 64, True, "nf4")
@@ -57,16 +57,16 @@ def test_optuna_pipeline_writes_a_file_the_dispatcher_follows(config_dir, device
     assert entry["kernel_hash"] == _cache.kernel_hash(entry["variant"])
     packed, state = _inputs()
     _dispatch.reset()
-    choice = variants.explain(packed, state)
+    choice = nf4_explorer.explain(packed, state)
     assert (choice.variant, dict(choice.config), choice.reason) == (entry["variant"], entry["config"], "tuned (exact)")
-    assert_bit_equal(variants.dequantize(packed, state), variants.reference_dequantize(packed, state))
+    assert_bit_equal(nf4_explorer.dequantize(packed, state), nf4_explorer.reference_dequantize(packed, state))
 
 
 def test_exhaustive_driver_times_the_whole_space(config_dir, device):
     _, (entry,) = tune([TINY], names=["word_unpack"], driver="exhaustive", device=device)
     assert entry["driver"] == "exhaustive"
-    assert entry["trials"] == len(variants.get("word_unpack").configs(64))
-    variants.get("word_unpack").check_config(entry["config"], 64)
+    assert entry["trials"] == len(nf4_explorer.get("word_unpack").configs(64))
+    nf4_explorer.get("word_unpack").check_config(entry["config"], 64)
 
 
 def test_interrupted_optuna_study_resumes(config_dir, device, tmp_path):
@@ -83,7 +83,7 @@ def test_interrupted_optuna_study_resumes(config_dir, device, tmp_path):
 
 
 def _merge_worker(path, shape):
-    entry = _entry(Problem(shape, "bfloat16"), "word_unpack", variants.get("word_unpack").default_config(64))
+    entry = _entry(Problem(shape, "bfloat16"), "word_unpack", nf4_explorer.get("word_unpack").default_config(64))
     cache_writer.merge(path, [entry], {"device_name": "Fake GPU 9000"})
 
 
@@ -107,20 +107,20 @@ def test_exact_then_nearest_bucket_then_default(config_dir, monkeypatch):
     config = {"BLOCK": 512, "TABLE_IN_REGISTERS": True, "num_warps": 2}
     _write(config_dir / f"{slug}.json", [_entry(tuned, "where_gather", config)])
     packed, state = _inputs(tuned)
-    exact = variants.explain(packed, state)
+    exact = nf4_explorer.explain(packed, state)
     assert (exact.variant, dict(exact.config), exact.reason) == ("where_gather", config, "tuned (exact)")
     packed, state = _inputs(Problem((32, 64), "bfloat16"))
-    assert variants.explain(packed, state).reason == "tuned (nearest bucket)"
+    assert nf4_explorer.explain(packed, state).reason == "tuned (nearest bucket)"
     packed, state = _inputs(Problem((8, 64), "float16"))  # no entry of this dtype
-    default = variants.explain(packed, state)
+    default = nf4_explorer.explain(packed, state)
     assert (default.variant, default.reason) == (_dispatch.DEFAULT_VARIANT, "default")
 
 
 def test_overrides_win(config_dir, monkeypatch):
     packed, state = _inputs()
     monkeypatch.setenv("NF4_EXPLORER_VARIANT", "per_row")
-    assert (variants.explain(packed, state).variant, variants.explain(packed, state).reason) == ("per_row", "environment")
-    choice = variants.explain(packed, state, variant="tiled_2d")
+    assert (nf4_explorer.explain(packed, state).variant, nf4_explorer.explain(packed, state).reason) == ("per_row", "environment")
+    choice = nf4_explorer.explain(packed, state, variant="tiled_2d")
     assert (choice.variant, choice.reason) == ("tiled_2d", "argument")
 
 
@@ -137,14 +137,14 @@ def test_broken_file_warns_once_and_falls_back(config_dir, monkeypatch, content,
     path = config_dir / f"{slug}.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     packed, state = _inputs()
-    expected = variants.reference_dequantize(packed, state)
+    expected = nf4_explorer.reference_dequantize(packed, state)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert_bit_equal(variants.dequantize(packed, state), expected)
+            assert_bit_equal(nf4_explorer.dequantize(packed, state), expected)
     messages = [str(w.message) for w in caught if "nf4-explorer" in str(w.message)]
     assert len(messages) == 1 and str(path) in messages[0] and cause in messages[0]
-    assert variants.explain(packed, state).reason == "default"
+    assert nf4_explorer.explain(packed, state).reason == "default"
 
 
 @pytest.mark.parametrize("stale, cause", [
@@ -161,17 +161,17 @@ def test_stale_entries_are_ignored_with_one_warning(config_dir, monkeypatch, sta
     packed, state = _inputs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert_bit_equal(variants.dequantize(packed, state), variants.reference_dequantize(packed, state))
-        variants.dequantize(packed, state)
+        assert_bit_equal(nf4_explorer.dequantize(packed, state), nf4_explorer.reference_dequantize(packed, state))
+        nf4_explorer.dequantize(packed, state)
     messages = [str(w.message) for w in caught if "nf4-explorer" in str(w.message)]
     assert len(messages) == 1 and cause in messages[0]
-    assert variants.explain(packed, state).reason == "default"
+    assert nf4_explorer.explain(packed, state).reason == "default"
 
 
 def test_merge_replaces_a_corrupt_file_and_keeps_order(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("garbage")
-    doc = cache_writer.merge(path, [_entry(TINY, "per_row", variants.get("per_row").default_config(64))], {})
+    doc = cache_writer.merge(path, [_entry(TINY, "per_row", nf4_explorer.get("per_row").default_config(64))], {})
     assert list(doc)[0] == "schema_version" and len(doc["entries"]) == 1
     assert json.loads(path.read_text()) == doc
 
@@ -180,16 +180,16 @@ def test_merge_falls_back_to_the_runner_up_when_the_winner_kernel_changed(tmp_pa
     """A file tuned before a kernel edit: the entry whose winner's kernel changed takes its fastest
     runner-up whose kernel did not (the hashes the file recorded), with that runner-up's time; an
     entry with no such runner-up stays as it was (the dispatcher then skips it with a warning)."""
-    per_row = variants.get("per_row").default_config(64)
-    word = variants.get("word_unpack").default_config(64)
+    per_row = nf4_explorer.get("per_row").default_config(64)
+    word = nf4_explorer.get("word_unpack").default_config(64)
     others = {"word_unpack": {"config": word, "time_us": 2.0}, "per_row": {"config": per_row, "time_us": 3.0},
-              "where_gather": {"config": variants.get("where_gather").default_config(64), "time_us": 1.5}}
-    stale = _entry(TINY, "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16,
+              "where_gather": {"config": nf4_explorer.get("where_gather").default_config(64), "time_us": 1.5}}
+    stale = _entry(TINY, "block_tile", nf4_explorer.get("block_tile").default_config(64), kernel_hash="0" * 16,
                    others=others, gbps=100.0)
-    alone = _entry(Problem((4, 32)), "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16)
-    no_gpu = _entry(Problem((4, 64)), "block_tile", variants.get("block_tile").default_config(64), kernel_hash="0" * 16,
+    alone = _entry(Problem((4, 32)), "block_tile", nf4_explorer.get("block_tile").default_config(64), kernel_hash="0" * 16)
+    no_gpu = _entry(Problem((4, 64)), "block_tile", nf4_explorer.get("block_tile").default_config(64), kernel_hash="0" * 16,
                     others=others, pct_of_copy=None)  # tuned in the interpreter: no copy bandwidth
-    hashes = {name: _cache.kernel_hash(name) for name in variants.names()}
+    hashes = {name: _cache.kernel_hash(name) for name in nf4_explorer.names()}
     hashes["where_gather"] = "1" * 16  # changed since too: not a valid runner-up
     path = tmp_path / "x.json"
     _write(path, [stale, alone, no_gpu], kernel_hashes=hashes)
@@ -243,7 +243,7 @@ def test_cli_rejects_unknown_preset_and_variant(config_dir, capsys, wide_console
 
 
 def test_cli_tune_refuses_a_variant_this_device_cannot_run(config_dir, capsys, wide_console, device):
-    if variants.get("phase_split").unavailable_reason(device) is None:
+    if nf4_explorer.get("phase_split").unavailable_reason(device) is None:
         pytest.skip("this GPU runs phase_split")
     assert cli.main(["tune", "--preset", "tiny", "--variants", "phase_split", "--trials", "1"]) == 2
     assert "needs an NVIDIA GPU of compute capability 8.0" in capsys.readouterr().out

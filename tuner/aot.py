@@ -10,9 +10,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import variants
-from variants._decode import launch_options
-from variants._registry import LAUNCH_PARAMS, problem_constexprs
+import nf4_explorer
+from nf4_explorer._decode import launch_options
+from nf4_explorer._registry import LAUNCH_PARAMS, problem_constexprs
 
 # (backend, arch, warp size) of every target the project compiles for.
 TARGETS = {
@@ -45,7 +45,7 @@ def compile_config(
     ``aligned`` marks every pointer and size divisible by 16, as Triton specializes them at run
     time for aligned tensors and sizes (this is what makes 16-byte accesses possible).
     """
-    kernel = variants.get(name).kernel
+    kernel = nf4_explorer.get(name).kernel
     sig = signature(kernel, out_dtype, double_quant)
     constexprs = {
         **problem_constexprs(blocksize, 256, quant_type, double_quant),
@@ -66,7 +66,7 @@ def compile_config(
 def supports(name: str, target: str) -> bool:
     """Whether variant ``name`` is built for ``target`` (a Gluon variant: NVIDIA targets of its
     compute capability or newer only)."""
-    needs = variants.get(name).min_capability
+    needs = nf4_explorer.get(name).min_capability
     backend, arch = TARGETS[target].backend, TARGETS[target].arch
     return needs is None or (backend == "cuda" and arch >= needs[0] * 10 + needs[1])
 
@@ -74,7 +74,7 @@ def supports(name: str, target: str) -> bool:
 def compile_space(name: str, target: str) -> tuple[int, list[str]]:
     """Compiles every config of variant ``name`` (for blocksizes 64 and 32, whose spaces differ)
     for ``target``; returns (configs tried, failure descriptions)."""
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     configs = variant.configs(64) + [c for c in variant.configs(32) if c not in variant.configs(64)]
     failures = []
     for config in configs:
@@ -86,7 +86,7 @@ def compile_space(name: str, target: str) -> tuple[int, list[str]]:
 
 
 if __name__ == "__main__":
-    # python -m tuner.aot VARIANT TARGET: compiles the variant's whole space; prints JSON.
+    # python -m nf4_explorer.tuner.aot VARIANT TARGET: compiles the variant's whole space; prints JSON.
     # (A separate process: under TRITON_INTERPRET=1 kernels cannot be compiled.)
     import json
     import sys

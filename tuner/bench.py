@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-import variants
-from variants import _cache, _dispatch
-from variants._format import prepare
+import nf4_explorer
+from nf4_explorer import _cache, _dispatch
+from nf4_explorer._format import prepare
 
 from . import timing
 from .problems import Problem
@@ -40,7 +40,7 @@ def variant_configs(problem: Problem, entries: list[dict], device=None) -> dict[
     """Each variant's tuned config for ``problem`` (from this GPU's tuned ``entries``), else its
     default; with a ``device``, only the variants that run on it."""
     key = _cache.entry_key(problem.key())
-    configs = {name: variants.get(name).default_config(problem.blocksize) for name in variants.names(device)}
+    configs = {name: nf4_explorer.get(name).default_config(problem.blocksize) for name in nf4_explorer.names(device)}
     for entry in entries:
         if _cache.entry_key(entry) == key:
             for name, other in entry.get("others", {}).items():
@@ -64,12 +64,12 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
     for problem in problems:
         packed, state = problem.make_inputs(device)
         out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
-        reference = variants.reference_dequantize(packed, state)
-        providers = {"nf4-explorer (dispatcher)": ("", lambda: variants.dequantize(packed, state, out=out))}
+        reference = nf4_explorer.reference_dequantize(packed, state)
+        providers = {"nf4-explorer (dispatcher)": ("", lambda: nf4_explorer.dequantize(packed, state, out=out))}
         for name, config in variant_configs(problem, entries, device).items():
             providers[name] = (
                 _config_text(config),
-                lambda name=name, config=config: variants.dequantize(packed, state, out=out, variant=name, config=config),
+                lambda name=name, config=config: nf4_explorer.dequantize(packed, state, out=out, variant=name, config=config),
             )
         if bnb is not None:
             providers["bitsandbytes"] = ("", lambda: bnb.dequantize_4bit(packed, state))
@@ -79,7 +79,7 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
         copy_src = torch.empty(problem.bytes_moved() // 2, dtype=torch.uint8, device=device)
         copy_dst = torch.empty_like(copy_src)
         if torch_reference:
-            providers["torch reference"] = ("", lambda: variants.reference_dequantize(packed, state, out=out))
+            providers["torch reference"] = ("", lambda: nf4_explorer.reference_dequantize(packed, state, out=out))
         floor_us = problem.bytes_moved() / (copy_gbps * 1e3) + empty_us
         problem_rows = [
             _row(problem, "floor (copy rate + empty launch)", f"empty kernel {empty_us:.1f} µs", floor_us, copy_gbps),
@@ -113,7 +113,7 @@ def loop_comparison(problems: list[Problem], *, device="cuda", repeats: int = 10
     (providers alternate, so a slow spell on the host hits both), and the same calls' GPU time."""
     device = torch.device(device)
     weights = [p.make_inputs(device, seed=seed) for p in problems for seed in range(3)]
-    providers = {"nf4-explorer": [lambda w=w: variants.dequantize(*w) for w in weights]}
+    providers = {"nf4-explorer": [lambda w=w: nf4_explorer.dequantize(*w) for w in weights]}
     bnb = _bitsandbytes()
     if bnb is not None:
         providers["bitsandbytes"] = [lambda w=w: bnb.dequantize_4bit(*w) for w in weights]
@@ -132,9 +132,9 @@ def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000
     packed, state = problem.make_inputs(device)
     out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
     choice = _dispatch.explain(packed, state)
-    launcher = variants.get(choice.variant)
+    launcher = nf4_explorer.get(choice.variant)
     direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
-    dispatched = lambda: variants.dequantize(packed, state, out=out)
+    dispatched = lambda: nf4_explorer.dequantize(packed, state, out=out)
     seconds = timing.best_loop_seconds({"direct": [direct], "dispatcher": [dispatched]}, calls, trials)
     best = {name: total / calls * 1e6 for name, total in seconds.items()}
     best["overhead"] = best["dispatcher"] - best["direct"]

@@ -12,8 +12,8 @@ import torch
 import triton
 from filelock import FileLock
 
-import variants
-from variants import _cache
+import nf4_explorer
+from nf4_explorer import _cache
 
 
 def device_info(device: torch.device) -> dict:
@@ -52,7 +52,7 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
                 by_key[key] = entry
         doc.update(header)
         doc["schema_version"] = _cache.SCHEMA_VERSION
-        doc["kernel_hashes"] = {name: _cache.kernel_hash(name) for name in variants.names()}
+        doc["kernel_hashes"] = {name: _cache.kernel_hash(name) for name in nf4_explorer.names()}
         doc["entries"] = sorted(by_key.values(), key=_sort_key)
         ordered = {"schema_version": doc.pop("schema_version"), **dict(sorted(doc.items()))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,7 +72,7 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     with the fastest other variant measured in that tuning run whose kernel is unchanged (same
     source hash in ``old_hashes``, the file's hashes when it was written), if there is one. A
     partial re-tune after a kernel edit thus leaves no entry the dispatcher would have to skip."""
-    registered = variants.names()
+    registered = nf4_explorer.names()
     winner = entry.get("variant")
     if winner not in registered or entry.get("kernel_hash") == _cache.kernel_hash(winner):
         return entry

@@ -17,7 +17,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 def _device():
     import torch
 
-    from variants._format import interpreter_enabled
+    from nf4_explorer._format import interpreter_enabled
 
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -73,7 +73,7 @@ def cmd_check(args) -> int:
     """Every variant dequantizes bitsandbytes-format weights here; exactness and time per variant."""
     import torch
 
-    import variants
+    import nf4_explorer
     from .problems import Problem
     from .timing import median_us
 
@@ -99,19 +99,19 @@ def cmd_check(args) -> int:
     failures = 0
     for problem in problems:
         packed, state = problem.make_inputs(device)
-        reference = variants.reference_dequantize(packed, state)
+        reference = nf4_explorer.reference_dequantize(packed, state)
         bnb_out = bnb.dequantize_4bit(packed, state) if (bnb is not None and on_gpu) else None
-        for name in variants.names(device):
+        for name in nf4_explorer.names(device):
             out = torch.full(problem.shape, float("nan"), dtype=problem.torch_dtype, device=device)
             start = time.perf_counter()
-            variants.dequantize(packed, state, out=out, variant=name)
+            nf4_explorer.dequantize(packed, state, out=out, variant=name)
             if on_gpu:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             exact = torch.equal(out, reference)
             failures += not exact
             if on_gpu:
-                when = f"{median_us(lambda: variants.dequantize(packed, state, out=out, variant=name)):.1f} µs"
+                when = f"{median_us(lambda: nf4_explorer.dequantize(packed, state, out=out, variant=name)):.1f} µs"
             else:
                 when = f"{elapsed * 1e3:.0f} ms (interpreter)"
             vs_bnb = "-" if bnb_out is None else ("[green]equal[/green]" if torch.equal(out, bnb_out) else "[red]DIFFERENT[/red]")
@@ -123,7 +123,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    import variants
+    import nf4_explorer
     from .tune import tune
 
     device = _device()
@@ -134,7 +134,7 @@ def cmd_tune(args) -> int:
         console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
                       "nothing.[/yellow]")
     problems = _problems(args, device, "llm")
-    names = args.variants.split(",") if args.variants else variants.names(device)
+    names = args.variants.split(",") if args.variants else nf4_explorer.names(device)
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
                              storage=args.storage, output_dir=args.output, seed=args.seed, device=device)
@@ -153,7 +153,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from variants import _cache
+    from nf4_explorer import _cache
     from .show import plot, render, tuned_files
 
     gpu = args.gpu

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import yaml
 
-import variants
-from variants._cache import DTYPE_NAMES, size_bucket
-from variants._format import BLOCKSIZES, QUANT_TYPES
+import nf4_explorer
+from nf4_explorer._cache import DTYPE_NAMES, size_bucket
+from nf4_explorer._format import BLOCKSIZES, QUANT_TYPES
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DTYPES.update({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32})
@@ -57,7 +57,7 @@ class Problem:
         """Random weights quantized to this problem's format: (packed, state) on ``device``."""
         generator = torch.Generator(device="cpu").manual_seed(seed)
         weight = torch.randn(self.shape, generator=generator, dtype=torch.float32).to(device, self.torch_dtype)
-        return variants.quantize(
+        return nf4_explorer.quantize(
             weight, blocksize=self.blocksize, double_quant=self.double_quant, quant_type=self.quant_type
         )
 
@@ -65,7 +65,7 @@ class Problem:
 def load_presets(path: str | Path | None = None) -> dict:
     """The presets in ``path`` (a YAML file), or the package's presets.yaml."""
     if path is None:
-        text = importlib.resources.files("tuner").joinpath("presets.yaml").read_text()
+        text = importlib.resources.files("nf4_explorer.tuner").joinpath("presets.yaml").read_text()
     else:
         text = Path(path).read_text()
     data = yaml.safe_load(text)

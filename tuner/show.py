@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from variants import _cache
+from nf4_explorer import _cache
 
 
 def tuned_files(gpu: str | None) -> list[Path]:

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-import variants
-from variants import _cache
-from variants._format import prepare
-from variants._registry import LAUNCH_PARAMS
+import nf4_explorer
+from nf4_explorer import _cache
+from nf4_explorer._format import prepare
+from nf4_explorer._registry import LAUNCH_PARAMS
 
 from . import timing
 from .problems import Problem
@@ -42,13 +42,13 @@ class Workload:
     @classmethod
     def make(cls, problem: Problem, device) -> "Workload":
         packed, state = problem.make_inputs(device)
-        reference = variants.reference_dequantize(packed, state)
+        reference = nf4_explorer.reference_dequantize(packed, state)
         return cls(problem, packed, state, reference, torch.empty_like(reference))
 
 
 def measure(workload: Workload, name: str, config: dict) -> float:
     """Median µs of variant ``name`` at ``config``; raises CandidateFailed if it cannot run or is wrong."""
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     args = prepare(workload.packed, workload.state, workload.out)
     try:
         workload.out.fill_(float("nan"))
@@ -107,7 +107,7 @@ def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, s
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     blocksize = workload.problem.blocksize
     study = optuna.create_study(
         study_name=study_name(device_slug, name, workload.problem), storage=open_storage(storage), direction="minimize",
@@ -161,7 +161,7 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
     against the reference. Returns (best, configs timed)."""
     import triton
 
-    variant = variants.get(name)
+    variant = nf4_explorer.get(name)
     configs = variant.configs(workload.problem.blocksize)
     triton_configs = [
         triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS},
@@ -180,8 +180,8 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
         timings[len(timings)] = value * 1000.0
         return [value, value, value] if quantiles else value
 
-    from variants._decode import launch_options
-    from variants._registry import kernel_arguments
+    from nf4_explorer._decode import launch_options
+    from nf4_explorer._registry import kernel_arguments
 
     tuned = triton.autotune(configs=triton_configs, key=["n"], do_bench=bench)(variant.kernel)
     args = prepare(workload.packed, workload.state, workload.out)
@@ -211,7 +211,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for name in names:  # unknown names, and variants this device cannot run, fail before any work
-        reason = variants.get(name).unavailable_reason(device)
+        reason = nf4_explorer.get(name).unavailable_reason(device)
         if reason is not None:
             raise ValueError(reason)
     device_slug = _cache.slug(_cache.device_name(device))
@@ -221,7 +221,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     deadline = time.time() + timeout if timeout else None
     copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     def budget(name: str, problem: Problem) -> int:
-        space = len(variants.get(name).configs(problem.blocksize))
+        space = len(nf4_explorer.get(name).configs(problem.blocksize))
         return space if driver == "exhaustive" else min(trials, space)
 
     total = sum(budget(n, p) for n in names for p in problems)

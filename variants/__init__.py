@@ -20,11 +20,13 @@ from ._registry import Variant, VariantUnavailable, get, names, register
 from ._dispatch import Choice, dequantize, explain
 from ._op import patch_bitsandbytes
 
-# Every public module of this package is a variant that registers itself: adding a variant is
-# adding one file. A variant that the installed Triton cannot express (VariantUnavailable) is left
+# Every public module of this package but the tools' door (``tuning``) is a variant that registers
+# itself: adding a variant is adding one file. Subpackages (the tuner, the shipped tuned files) are
+# not variants. A variant that the installed Triton cannot express (VariantUnavailable) is left
 # out; a tuned entry naming it is then skipped with a warning like any stale entry.
+NOT_VARIANTS = frozenset({"tuning"})
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
+    if not _module.ispkg and not _module.name.startswith("_") and _module.name not in NOT_VARIANTS:
         try:
             importlib.import_module(f"{__name__}.{_module.name}")
         except VariantUnavailable:

@@ -72,7 +72,7 @@ def search_dirs() -> list[tuple[str, Path]]:
         return [(f"${ENV_CONFIG_DIR}", Path(env))]
     dirs = [("user config dir", user_config_dir())]
     try:
-        dirs.append(("shipped", Path(str(importlib.resources.files("tuned_configs")))))
+        dirs.append(("shipped", Path(str(importlib.resources.files("nf4_explorer.tuned_configs")))))
     except (ModuleNotFoundError, TypeError):
         pass
     return dirs

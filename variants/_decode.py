@@ -10,7 +10,7 @@ Exactness rules (bitsandbytes 0.50, bit for bit):
 import triton
 import triton.language as tl
 
-from ._format import FP4_TABLE, NF4_TABLE, interpreter_enabled
+from ._format import FP4_TABLE, NF4_TABLE, QUANT_TYPE_IDS, interpreter_enabled
 
 # Triton's interpreter casts float32 to bfloat16 by truncation (triton 3.6 runtime/interpreter.py
 # _convert_float), while GPUs round to nearest even (cvt.rn.bf16.f32) as bitsandbytes does. Under
@@ -19,9 +19,8 @@ from ._format import FP4_TABLE, NF4_TABLE, interpreter_enabled
 INTERPRETER = tl.constexpr(interpreter_enabled())
 
 # QUANT_TYPE constexpr values.
-NF4 = 0
-FP4 = 1
-QUANT_TYPE_IDS = {"nf4": NF4, "fp4": FP4}
+NF4 = QUANT_TYPE_IDS["nf4"]
+FP4 = QUANT_TYPE_IDS["fp4"]
 
 # The tables as compile-time constants for the register decode.
 _N = [tl.constexpr(v) for v in NF4_TABLE]

@@ -1,4 +1,4 @@
-"""The dispatcher behind ``variants.dequantize``: which variant and config run for a problem.
+"""The dispatcher behind ``nf4_explorer.dequantize``: which variant and config run for a problem.
 
 Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT``, then the GPU's
 tuned file (exact problem key, else the nearest size bucket with the same quant type, blocksize,
@@ -123,7 +123,7 @@ def dequantize(
         packed: uint8 packed codes, shape [ceil(n/2), 1] (bitsandbytes) or any shape with that many
             bytes (e.g. [rows, cols/2]); element 2i in the high nibble of byte i. Non-contiguous
             input is copied.
-        state: a :class:`variants.QuantState` or a bitsandbytes ``QuantState`` (duck-typed).
+        state: a :class:`nf4_explorer.QuantState` or a bitsandbytes ``QuantState`` (duck-typed).
         out: optional contiguous output of ``state.shape`` and ``state.dtype`` on packed's device.
         variant, config: force a registered variant (and one config of its space); None lets the
             dispatcher choose from the GPU's tuned file or the built-in default.

@@ -21,6 +21,7 @@ import torch
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPE_IDS = {"nf4": 0, "fp4": 1}  # the kernels' QUANT_TYPE constexpr
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -100,6 +101,37 @@ class DequantArgs:
     out_dtype: torch.dtype
     device: torch.device
 
+    def kernel_arguments(self):
+        """The dequantize family's kernel interface (see _registry.py): runtime arguments in
+        signature order, and the problem's constexprs (a variant's config adds its own)."""
+        from ._launch import KernelArguments
+
+        return KernelArguments(
+            [self.packed, self.absmax, self.code2, self.absmax2, self.offset, device_table(self.quant_type, self.device),
+             self.out, self.n, self.n_rows, self.n_cols],
+            problem_constexprs(self.blocksize, self.nested_blocksize, self.quant_type, self.double_quant),
+        )
+
+
+def problem_constexprs(blocksize: int, nested_blocksize: int, quant_type: str, double_quant: bool) -> dict:
+    """The constexprs every kernel of both families takes for a weight format."""
+    return {
+        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": nested_blocksize,
+        "QUANT_TYPE": QUANT_TYPE_IDS[quant_type], "DOUBLE_QUANT": double_quant,
+    }
+
+
+_TABLES_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
+def device_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry float32 table on ``device`` (cached; the table-gather decode reads it)."""
+    key = (quant_type, device)
+    table = _TABLES_ON_DEVICE.get(key)
+    if table is None:
+        table = _TABLES_ON_DEVICE[key] = torch.tensor(TABLES[quant_type], dtype=torch.float32, device=device)
+    return table
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -112,7 +144,7 @@ def _as_state_fields(state: Any) -> tuple:
     except AttributeError:
         missing = [a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if not hasattr(state, a)]
         raise TypeError(
-            f"state has no {', '.join(missing)}: pass the QuantState returned by variants.quantize or "
+            f"state has no {', '.join(missing)}: pass the QuantState returned by nf4_explorer.quantize or "
             "bitsandbytes.functional.quantize_4bit (or a Params4bit's .quant_state)"
         ) from None
     absmax, shape, dtype, blocksize, quant_type = fields
@@ -226,7 +258,7 @@ def prepare(
         raise ValueError(
             "the tensors are on the CPU: Triton kernels need a GPU. Move them to CUDA, or run on the CPU "
             "in Triton's interpreter with TRITON_INTERPRET=1 set before triton is imported "
-            "(variants.reference_dequantize is the pure-PyTorch path)"
+            "(nf4_explorer.reference_dequantize is the pure-PyTorch path)"
         )
     if out is None:
         out = torch.empty(shape if allocate else (0,), dtype=dtype, device=device)

@@ -1,4 +1,4 @@
-"""``variants.dequantize`` as a torch.library custom op (torch.compile) and the bitsandbytes drop-in.
+"""``nf4_explorer.dequantize`` as a torch.library custom op (torch.compile) and the bitsandbytes drop-in.
 
 Under ``torch.compile`` the dispatcher's Python (validation, file lookup, the launch) is opaque to
 Dynamo: ``dequantize`` calls the custom op ``nf4_explorer::dequantize_4bit`` with the state's
@@ -51,8 +51,8 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
     """Routes ``bitsandbytes.functional.dequantize_4bit`` (used by ``bnb.nn.Linear4bit``, PEFT's
     QLoRA layers and transformers' ``load_in_4bit`` models) through nf4-explorer's dispatcher.
 
-    ``variants.patch_bitsandbytes()`` patches at once and returns a handle; ``handle.restore()``
-    or leaving ``with variants.patch_bitsandbytes():`` puts bitsandbytes' function back. Calls
+    ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle; ``handle.restore()``
+    or leaving ``with nf4_explorer.patch_bitsandbytes():`` puts bitsandbytes' function back. Calls
     without a quant_state, with bitsandbytes' legacy ``absmax=``/``blocksize=`` arguments, or on
     devices nf4-explorer cannot run on (a CPU tensor without TRITON_INTERPRET=1) go to bitsandbytes.
     """

@@ -172,7 +172,7 @@ def reference_absmax(state) -> torch.Tensor:
 def reference_dequantize(packed: torch.Tensor, state, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantizes in pure PyTorch on the tensors' device (CPU or GPU): the ground truth.
 
-    Same arguments, validation and result as :func:`variants.dequantize` (shape and dtype from the
+    Same arguments, validation and result as :func:`nf4_explorer.dequantize` (shape and dtype from the
     state), without Triton.
     """
     args = prepare(packed, state, out, for_kernel=False)

@@ -1,13 +1,18 @@
-"""The registry of kernel variants.
+"""The registry of kernel variants, in two families.
 
-Every variant's kernel takes the same runtime arguments, so one launcher serves them all::
+``dequantize`` variants write the dequantized weight; ``linear`` variants compute
+``x @ dequantize(W).T (+ bias)``. Within a family every kernel takes the same runtime arguments,
+built by the family's argument object (``DequantArgs.kernel_arguments()``,
+``LinearArgs.kernel_arguments()``), so one launcher (``_launch.py``) serves them all::
 
-    kernel[grid](packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
-                 n, n_rows, n_cols,
-                 BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, <the variant's own constexprs>)
+    dequantize: kernel[grid](packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
+                             n, n_rows, n_cols,
+                             BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, <the variant's constexprs>)
+    linear:     see ``_linear.py``
 
-A variant file defines its ``@triton.jit`` kernel, its grid, its search space and default config,
-and calls :func:`register`. Adding a variant is adding one file to ``variants/``.
+A variant file defines its ``@triton.jit`` kernel (or, for a variant built on other libraries, a
+``run`` function), its grid, its search space and default config, and calls :func:`register`.
+Adding a variant is adding one file to ``variants/``.
 """
 
 from __future__ import annotations
@@ -17,25 +22,19 @@ import itertools
 from typing import Callable, Mapping, Sequence
 
 import torch
-import triton
 
-try:
-    from triton import knobs
-except ImportError:  # Triton before 3.4 has no knobs: every launch takes Triton's own path
-    knobs = None
+from . import _launch
+from ._format import interpreter_enabled
+from ._launch import LAUNCH_PARAMS
 
-from ._decode import QUANT_TYPE_IDS, launch_options
-from ._format import TABLES, DequantArgs, interpreter_enabled
-
-# Launch parameters that are not kernel arguments.
-LAUNCH_PARAMS = ("num_warps", "num_stages")
+FAMILIES = ("dequantize", "linear")
 
 Config = dict  # {"BLOCK": 1024, "TABLE_IN_REGISTERS": True, "num_warps": 4, "num_stages": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One kernel shape behind ``variants.dequantize``.
+    """One kernel shape behind ``nf4_explorer.dequantize``.
 
     name:        registry key, e.g. "per_row".
     kernel:      the ``@triton.jit`` function (signature in this module's docstring).
@@ -51,13 +50,15 @@ class Variant:
     """
 
     name: str
-    kernel: Callable
-    grid: Callable[[DequantArgs, Config], tuple]
+    kernel: Callable | None
+    grid: Callable[[object, Config], tuple] | None
     space: Mapping[str, Sequence]
     default: Mapping
     description: str
     allowed: Callable[[Config, int], bool] = lambda config, blocksize: True
     min_capability: tuple[int, int] | None = None
+    family: str = "dequantize"
+    run: Callable | None = None  # run(args, config): a variant that launches no kernel of its own
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this variant cannot run on ``device``, or None if it can."""
@@ -104,140 +105,20 @@ class Variant:
         if not self.allowed(dict(config), blocksize):
             raise ValueError(f"{self.name}: config {dict(config)} is not valid for blocksize {blocksize}")
 
-    def launch(self, args: DequantArgs, config: Mapping) -> None:
-        """Launches the kernel on ``args`` with ``config`` (no validation of the config: see check_config)."""
-        key = None
-        if args.packed.is_cuda:
-            device_index = args.packed.get_device()
-            if device_index != torch.cuda.current_device():
-                # Triton launches on the current device: switch to the tensors' one (several GPUs).
-                with torch.cuda.device(args.device):
-                    return self.launch(args, config)
-            pointers = (args.packed.data_ptr(), args.absmax.data_ptr(), args.code2.data_ptr(),
-                        args.absmax2.data_ptr(), args.offset.data_ptr(), args.out.data_ptr())
-            key = _ready_key(self.name, args, config, pointers, device_index)
-            ready = _READY.get(key) if key is not None else None
-            if ready is not None and ready.launch(pointers):
-                return
+    def launch(self, args, config: Mapping) -> None:
+        """Runs this variant on ``args`` (its family's argument object) with ``config`` (no
+        validation of the config: see check_config)."""
         if self.min_capability is not None:
-            reason = self.unavailable_reason(args.device)
-            if reason is not None:
-                raise ValueError(reason)
-        grid = self.grid(args, config)
-        runtime, constexprs = kernel_arguments(args)
-        constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
-        compiled = self.kernel[grid](
-            *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
-            **constexprs, **launch_options(),
-        )
-        if key is not None and _FAST_LAUNCH_OK[0]:
-            _remember(key, compiled, grid, runtime, constexprs, self.kernel.arg_names, device_index)
-
-
-# Fast launch path. Triton's JITFunction launch binds and specializes every argument on every call
-# (~90 µs per call measured on the H100 machine, triton 3.6), which dominates small shapes. After
-# the first launch of a (variant, config, problem) with aligned pointers, the compiled kernel and
-# everything but the six data pointers are kept, and later calls go straight to its launcher.
-# The key holds everything Triton specializes on: dtypes, constexprs, the sizes (so the grid is
-# fixed too) and the pointers' 16-byte alignment (the fast path takes aligned pointers only).
-_READY: dict[tuple, "_Ready"] = {}
-_READY_LIMIT = 4096  # distinct problems kept; forgotten all at once beyond that (a re-launch refills)
-_FAST_LAUNCH_OK = [knobs is not None]  # turned off for good if this Triton's compiled-kernel API differs
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ready:
-    """One compiled kernel, its grid and every launcher argument but the stream and the per-call
-    data pointers: ``call(*grid, stream, *head, <pointers and table>, *tail)``."""
-
-    call: Callable
-    grid: tuple
-    head: tuple  # function handle, launch flags and metadata, in the launcher's order
-    table: torch.Tensor  # kept alive for table_ptr
-    table_ptr: int
-    tail: tuple  # n, n_rows, n_cols and the constexprs, in signature order
-    stream: Callable
-    device_index: int
-
-    def launch(self, pointers: tuple) -> bool:
-        """Launches on ``pointers`` (packed, absmax, code2, absmax2, offset, out); False if a launch
-        hook is set (profilers: the normal launch calls them) or Triton's launcher API differs."""
-        if not (_no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)):
-            return False
-        p = pointers
-        try:
-            self.call(self.grid[0], self.grid[1], self.grid[2], self.stream(self.device_index), *self.head,
-                      p[0], p[1], p[2], p[3], p[4], self.table_ptr, p[5], *self.tail)
-        except (AttributeError, TypeError):
-            _turn_off_fast_launch()
-            return False
-        return True
-
-
-def _no_hook(hook) -> bool:
-    # Triton 3.6 keeps launch hooks in a HookChain (empty: no hook); older versions use None.
-    return hook is None or getattr(hook, "calls", None) == []
-
-
-def _ready_key(name: str, args: DequantArgs, config: Mapping, pointers: tuple, device_index: int) -> tuple | None:
-    # Only 16-byte aligned pointers (what allocations give) take the fast path; Triton specializes
-    # on alignment, so other pointers take the normal launch every time.
-    if not _FAST_LAUNCH_OK[0] or (pointers[0] | pointers[1] | pointers[2] | pointers[3] | pointers[4] | pointers[5]) & 15:
-        return None
-    return (name, tuple(config.items()), args.quant_type, args.blocksize, args.nested_blocksize, args.double_quant,
-            args.out_dtype, args.absmax.dtype, device_index, args.n, args.n_rows, args.n_cols)
-
-
-def _remember(key, compiled, grid, runtime, constexprs, arg_names, device_index) -> None:
-    try:
-        from triton.runtime import driver
-
-        run = compiled.run
-        if (triton.__version__.startswith("3.6.") and run.global_scratch_size == 0
-                and run.profile_scratch_size == 0):
-            # Triton 3.6's CudaLauncher.__call__ only adds these arguments (no scratch memory):
-            # calling its C launch directly saves ~2 µs per call on the H100 machine.
-            call = run.launch
-            head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-                    compiled.packed_metadata, None, None, None)
-        else:
-            # The arguments Triton's own JIT launch passes (launch metadata and hooks: none).
-            call = run
-            head = (compiled.function, compiled.packed_metadata, None, None, None)
-        ready = _Ready(
-            call=call, grid=tuple(grid) + (1,) * (3 - len(grid)), head=head,
-            table=runtime[5], table_ptr=runtime[5].data_ptr(),
-            tail=tuple(runtime[7:]) + tuple(constexprs[name] for name in arg_names[len(runtime):]),
-            stream=driver.active.get_current_stream, device_index=device_index,
-        )
-    except AttributeError:
-        _turn_off_fast_launch()
-        return
-    if len(_READY) >= _READY_LIMIT:
-        _READY.clear()
-    _READY[key] = ready
-
-
-def _turn_off_fast_launch() -> None:
-    _FAST_LAUNCH_OK[0] = False
-    _READY.clear()
-
-
-def kernel_arguments(args: DequantArgs) -> tuple[list, dict]:
-    """The shared kernel interface for ``args``: runtime arguments in order, and the problem's
-    constexprs (a variant's config adds its own)."""
-    table = device_table(args.quant_type, args.device)
-    runtime = [args.packed, args.absmax, args.code2, args.absmax2, args.offset, table, args.out,
-               args.n, args.n_rows, args.n_cols]
-    return runtime, problem_constexprs(args.blocksize, args.nested_blocksize, args.quant_type, args.double_quant)
-
-
-def problem_constexprs(blocksize: int, nested_blocksize: int, quant_type: str, double_quant: bool) -> dict:
-    """The constexprs every kernel takes for a problem (a variant's config adds its own)."""
-    return {
-        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": nested_blocksize,
-        "QUANT_TYPE": QUANT_TYPE_IDS[quant_type], "DOUBLE_QUANT": double_quant,
-    }
+            key = (self.name, args.device)
+            if key not in _REASONS:
+                _REASONS[key] = self.unavailable_reason(args.device)
+            if _REASONS[key] is not None:
+                raise ValueError(_REASONS[key])
+        if self.run is not None:
+            self.run(args, config)
+            return
+        _launch.launch(self.kernel, lambda c: self.grid(args, c), args.kernel_arguments(), config, args.device,
+                       self.name)
 
 
 class VariantUnavailable(ImportError):
@@ -246,13 +127,17 @@ class VariantUnavailable(ImportError):
 
 
 _REGISTRY: dict[str, Variant] = {}
-_TABLES_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+_REASONS: dict[tuple, str | None] = {}  # (variant, device) -> unavailable_reason, asked once
 
 
 def register(variant: Variant) -> Variant:
     """Adds ``variant`` to the registry (its name must be new) and returns it."""
     if variant.name in _REGISTRY:
         raise ValueError(f"a variant named {variant.name!r} is already registered")
+    if variant.family not in FAMILIES:
+        raise ValueError(f"{variant.name}: unknown family {variant.family!r}: use one of {FAMILIES}")
+    if (variant.kernel is None) == (variant.run is None):
+        raise ValueError(f"{variant.name}: give exactly one of kernel= (a Triton kernel) and run=")
     for key, values in variant.space.items():
         if variant.default.get(key) not in values:
             raise ValueError(f"{variant.name}: default {key}={variant.default.get(key)!r} is not in its space")
@@ -268,16 +153,9 @@ def get(name: str) -> Variant:
         raise ValueError(f"unknown variant {name!r}: registered variants are {sorted(_REGISTRY)}") from None
 
 
-def names(device: torch.device | str | None = None) -> list[str]:
-    """The registered variants' names; with a ``device``, only those that can run on it."""
+def names(device: torch.device | str | None = None, family: str | None = "dequantize") -> list[str]:
+    """The registered variants' names of ``family`` (None: every family); with a ``device``, only
+    those that can run on it."""
     return sorted(name for name, variant in _REGISTRY.items()
-                  if device is None or variant.unavailable_reason(device) is None)
-
-
-def device_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry float32 table on ``device`` (cached; the table-gather decode reads it)."""
-    key = (quant_type, device)
-    table = _TABLES_ON_DEVICE.get(key)
-    if table is None:
-        table = _TABLES_ON_DEVICE[key] = torch.tensor(TABLES[quant_type], dtype=torch.float32, device=device)
-    return table
+                  if (family is None or variant.family == family)
+                  and (device is None or variant.unavailable_reason(device) is None))
