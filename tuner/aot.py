@@ -11,8 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import nf4_explorer
-from nf4_explorer._decode import launch_options
-from nf4_explorer._registry import LAUNCH_PARAMS, problem_constexprs
+from nf4_explorer.tuning import LAUNCH_PARAMS, launch_options, problem_constexprs
 
 # (backend, arch, warp size) of every target the project compiles for.
 TARGETS = {

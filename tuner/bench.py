@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 import nf4_explorer
-from nf4_explorer import _cache, _dispatch
-from nf4_explorer._format import prepare
+from nf4_explorer import tuning
 
 from . import timing
 from .problems import Problem
@@ -39,10 +38,10 @@ def _bitsandbytes():
 def variant_configs(problem: Problem, entries: list[dict], device=None) -> dict[str, dict]:
     """Each variant's tuned config for ``problem`` (from this GPU's tuned ``entries``), else its
     default; with a ``device``, only the variants that run on it."""
-    key = _cache.entry_key(problem.key())
+    key = tuning.entry_key(problem.key())
     configs = {name: nf4_explorer.get(name).default_config(problem.blocksize) for name in nf4_explorer.names(device)}
     for entry in entries:
-        if _cache.entry_key(entry) == key:
+        if tuning.entry_key(entry) == key:
             for name, other in entry.get("others", {}).items():
                 if name in configs and "config" in other:
                     configs[name] = other["config"]
@@ -59,7 +58,7 @@ def bench(problems: list[Problem], *, device="cuda", torch_reference: bool = Tru
     copy_gbps = timing.copy_bandwidth_gbps(device)
     empty_us = timing.empty_launch_us(device)
     bnb = _bitsandbytes()
-    _, entries = _cache.load_entries(_cache.device_name(device))
+    _, entries = tuning.load_entries(tuning.device_name(device))
     rows: list[Row] = []
     for problem in problems:
         packed, state = problem.make_inputs(device)
@@ -131,7 +130,7 @@ def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000
     device = torch.device(device)
     packed, state = problem.make_inputs(device)
     out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
-    choice = _dispatch.explain(packed, state)
+    choice = tuning.explain(packed, state)
     launcher = nf4_explorer.get(choice.variant)
     direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
     dispatched = lambda: nf4_explorer.dequantize(packed, state, out=out)

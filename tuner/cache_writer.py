@@ -13,7 +13,7 @@ import triton
 from filelock import FileLock
 
 import nf4_explorer
-from nf4_explorer import _cache
+from nf4_explorer import tuning
 
 
 def device_info(device: torch.device) -> dict:
@@ -24,7 +24,7 @@ def device_info(device: torch.device) -> dict:
     else:
         capability, sm_count = None, None
     return {
-        "device_name": _cache.device_name(device),
+        "device_name": tuning.device_name(device),
         "compute_capability": capability,
         "sm_count": sm_count,
         "torch_version": torch.__version__,
@@ -43,16 +43,16 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
     with FileLock(str(path) + ".lock", timeout=600):
         doc = _read_or_empty(path)
         old_hashes = doc.get("kernel_hashes", {})
-        by_key = {_cache.entry_key(e): runner_up(e, old_hashes) for e in doc["entries"]
+        by_key = {tuning.entry_key(e): runner_up(e, old_hashes) for e in doc["entries"]
                   if isinstance(e, dict) and _has_key(e)}
         for entry in new_entries:
-            key = _cache.entry_key(entry)
+            key = tuning.entry_key(entry)
             old = by_key.get(key)
-            if old is None or _cache.entry_problem(old) is not None or entry["time_us"] <= old.get("time_us", float("inf")):
+            if old is None or tuning.entry_problem(old) is not None or entry["time_us"] <= old.get("time_us", float("inf")):
                 by_key[key] = entry
         doc.update(header)
-        doc["schema_version"] = _cache.SCHEMA_VERSION
-        doc["kernel_hashes"] = {name: _cache.kernel_hash(name) for name in nf4_explorer.names()}
+        doc["schema_version"] = tuning.SCHEMA_VERSION
+        doc["kernel_hashes"] = {name: tuning.kernel_hash(name) for name in nf4_explorer.names()}
         doc["entries"] = sorted(by_key.values(), key=_sort_key)
         ordered = {"schema_version": doc.pop("schema_version"), **dict(sorted(doc.items()))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,10 +74,10 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     partial re-tune after a kernel edit thus leaves no entry the dispatcher would have to skip."""
     registered = nf4_explorer.names()
     winner = entry.get("variant")
-    if winner not in registered or entry.get("kernel_hash") == _cache.kernel_hash(winner):
+    if winner not in registered or entry.get("kernel_hash") == tuning.kernel_hash(winner):
         return entry
     valid = {name: other for name, other in entry.get("others", {}).items()
-             if name in registered and old_hashes.get(name) == _cache.kernel_hash(name)
+             if name in registered and old_hashes.get(name) == tuning.kernel_hash(name)
              and "config" in other and "time_us" in other}
     if not valid:
         return entry
@@ -88,7 +88,7 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     rescaled = {field: round(entry[field] * old_time / best["time_us"], 1) for field in ("gbps", "pct_of_copy")
                 if isinstance(old_time, (int, float)) and isinstance(entry.get(field), (int, float))}
     return {**entry, **rescaled, "variant": name, "config": best["config"], "time_us": best["time_us"],
-            "kernel_hash": _cache.kernel_hash(name), "others": valid}
+            "kernel_hash": tuning.kernel_hash(name), "others": valid}
 
 
 def _has_key(entry: dict) -> bool:
@@ -106,7 +106,7 @@ def _read_or_empty(path: Path) -> dict:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return {"entries": []}
-    if _cache.validate_document(doc):
+    if tuning.validate_document(doc):
         return {"entries": []}
     return doc
 
@@ -129,6 +129,6 @@ def make_entry(problem, winner: dict, others: dict, *, driver: str, trials: int,
         "driver": driver,
         "trials": trials,
         "date": datetime.date.today().isoformat(),
-        "triton_version": _cache.triton_minor(),
-        "kernel_hash": _cache.kernel_hash(winner["variant"]),
+        "triton_version": tuning.triton_minor(),
+        "kernel_hash": tuning.kernel_hash(winner["variant"]),
     }

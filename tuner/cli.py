@@ -17,7 +17,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 def _device():
     import torch
 
-    from nf4_explorer._format import interpreter_enabled
+    from nf4_explorer.tuning import interpreter_enabled
 
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -153,16 +153,16 @@ def cmd_tune(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from nf4_explorer import _cache
+    from nf4_explorer import tuning
     from .show import plot, render, tuned_files
 
     gpu = args.gpu
     if gpu is None:
         device = _device()
-        gpu = _cache.slug(_cache.device_name(device)) if device is not None and device.type == "cuda" else "all"
+        gpu = tuning.slug(tuning.device_name(device)) if device is not None and device.type == "cuda" else "all"
     files = tuned_files(gpu)
     if not files:
-        where = ", ".join(f"{label}: {path}" for label, path in _cache.search_dirs())
+        where = ", ".join(f"{label}: {path}" for label, path in tuning.search_dirs())
         console.print(f"no tuned files for {gpu!r} (looked in {where}). Run `nf4-explorer tune` first.")
         return 1
     docs = [doc for doc in (render(path, console) for path in files) if doc]

@@ -11,8 +11,7 @@ import torch
 import yaml
 
 import nf4_explorer
-from nf4_explorer._cache import DTYPE_NAMES, size_bucket
-from nf4_explorer._format import BLOCKSIZES, QUANT_TYPES
+from nf4_explorer.tuning import BLOCKSIZES, DTYPE_NAMES, QUANT_TYPES, size_bucket
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DTYPES.update({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32})

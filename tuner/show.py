@@ -8,13 +8,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nf4_explorer import _cache
+from nf4_explorer import tuning
 
 
 def tuned_files(gpu: str | None) -> list[Path]:
     """Tuned files visible to the dispatcher (first directory first), filtered by slug ('all' = every GPU)."""
     seen, files = set(), []
-    for _, directory in _cache.search_dirs():
+    for _, directory in tuning.search_dirs():
         for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
             if path.stem in seen or (gpu not in (None, "all") and path.stem != gpu):
                 continue
@@ -38,7 +38,7 @@ def render(path: Path, console: Console) -> dict | None:
     except (OSError, ValueError) as exc:
         console.print(f"[red]{path}: cannot be read ({exc})[/red]")
         return None
-    problems = _cache.validate_document(doc)
+    problems = tuning.validate_document(doc)
     if problems:
         console.print(f"[red]{path}: {'; '.join(problems)}[/red]")
         return None
@@ -52,7 +52,7 @@ def render(path: Path, console: Console) -> dict | None:
         others = entry.get("others", {})
         runner = min(others.items(), key=lambda kv: kv[1]["time_us"], default=None)
         margin = f"{100 * (runner[1]['time_us'] / entry['time_us'] - 1):.1f}%" if runner else "-"
-        problem = _cache.entry_problem(entry)
+        problem = tuning.entry_problem(entry)
         table.add_row(
             _problem_text(entry), entry["variant"], _config_text(entry["config"]), f"{entry['time_us']:.1f}",
             f"{entry.get('gbps', 0):.0f}", f"{entry.get('pct_of_copy') or 0:.1f}",

@@ -17,9 +17,8 @@ from typing import Callable
 import torch
 
 import nf4_explorer
-from nf4_explorer import _cache
-from nf4_explorer._format import prepare
-from nf4_explorer._registry import LAUNCH_PARAMS
+from nf4_explorer import tuning
+from nf4_explorer.tuning import LAUNCH_PARAMS, prepare
 
 from . import timing
 from .problems import Problem
@@ -180,13 +179,12 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
         timings[len(timings)] = value * 1000.0
         return [value, value, value] if quantiles else value
 
-    from nf4_explorer._decode import launch_options
-    from nf4_explorer._registry import kernel_arguments
+    from nf4_explorer.tuning import launch_options
 
     tuned = triton.autotune(configs=triton_configs, key=["n"], do_bench=bench)(variant.kernel)
     args = prepare(workload.packed, workload.state, workload.out)
-    runtime, constexprs = kernel_arguments(args)
-    tuned[lambda meta: variant.grid(args, meta)](*runtime, **constexprs, **launch_options())
+    arguments = args.kernel_arguments()
+    tuned[lambda meta: variant.grid(args, meta)](*arguments.runtime, **arguments.constexprs, **launch_options())
     best = tuned.best_config
     config = {**best.kwargs, "num_warps": best.num_warps}
     if "num_stages" in variant.space:
@@ -214,9 +212,9 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
         reason = nf4_explorer.get(name).unavailable_reason(device)
         if reason is not None:
             raise ValueError(reason)
-    device_slug = _cache.slug(_cache.device_name(device))
+    device_slug = tuning.slug(tuning.device_name(device))
     storage = storage or default_storage()
-    output_dir = Path(output_dir) if output_dir else _cache.search_dirs()[0][1]
+    output_dir = Path(output_dir) if output_dir else tuning.search_dirs()[0][1]
     path = output_dir / f"{device_slug}.json"
     deadline = time.time() + timeout if timeout else None
     copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None

@@ -1,11 +1,15 @@
-"""nf4-explorer's runtime: bitsandbytes-format 4-bit dequantization through Triton kernel variants.
+"""nf4_explorer: bitsandbytes-format 4-bit weights through tuned Triton kernel variants.
 
 Public API:
     dequantize(packed, state, *, out=None, variant=None, config=None) -> Tensor
+    linear(x, packed, state, bias=None, *, variant=None, config=None) -> Tensor   # x @ W.T + bias
     quantize(weight, *, blocksize=64, double_quant=True, quant_type="nf4") -> (packed, state)
     reference_dequantize(packed, state) -> Tensor       # pure PyTorch ground truth
-    explain(packed, state) -> Choice                     # which variant/config would run, and why
-    registry: names(device=None), get(name), register(Variant)
+    reference_linear(x, packed, state, bias=None) -> Tensor   # float64 ground truth
+    explain(packed, state), explain_linear(x, packed, state) -> Choice   # what would run, and why
+    patch_bitsandbytes()                                 # route bitsandbytes through nf4-explorer
+    registry: names(device=None, family="dequantize"), get(name), register(Variant)
+    tools (the tuner, benchmarks): nf4_explorer.tuning
 
 Importing this package does no GPU work and reads no file: the tuned-config file of a GPU is
 read at the first dequantization on that GPU.
@@ -17,8 +21,10 @@ import pkgutil
 from ._format import QuantState
 from ._reference import quantize, reference_dequantize
 from ._registry import Variant, VariantUnavailable, get, names, register
-from ._dispatch import Choice, dequantize, explain
-from ._op import patch_bitsandbytes
+from ._dispatch import Choice, explain, explain_linear
+from ._api import dequantize, linear
+from ._linear import reference_linear
+from ._patch import patch_bitsandbytes
 
 # Every public module of this package but the tools' door (``tuning``) is a variant that registers
 # itself: adding a variant is adding one file. Subpackages (the tuner, the shipped tuned files) are
@@ -32,7 +38,9 @@ for _module in pkgutil.iter_modules(__path__):
         except VariantUnavailable:
             pass
 
+__version__ = "0.2.0"
+
 __all__ = [
-    "Choice", "QuantState", "Variant", "VariantUnavailable", "dequantize", "explain", "get", "names",
-    "patch_bitsandbytes", "quantize", "reference_dequantize", "register",
+    "Choice", "QuantState", "Variant", "VariantUnavailable", "__version__", "dequantize", "explain", "explain_linear",
+    "get", "linear", "names", "patch_bitsandbytes", "quantize", "reference_dequantize", "reference_linear", "register",
 ]

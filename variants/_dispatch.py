@@ -1,14 +1,20 @@
-"""The dispatcher behind ``nf4_explorer.dequantize``: which variant and config run for a problem.
+"""The dispatcher: which variant and config run for a problem of either family, and the eager calls.
 
-Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT``, then the GPU's
-tuned file (exact problem key, else the nearest size bucket with the same quant type, blocksize,
-double quant and dtype), else the built-in default. The choice is memoized per problem, so a
-steady-state call costs one dict lookup before the launch.
+Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT`` (dequantize) or
+``$NF4_EXPLORER_LINEAR_VARIANT`` (linear), then the GPU's tuned file (see ``_cache.load_entries``
+for which file and its tiers), else the built-in default. A dequantize problem matches the exact
+shape, else the nearest size bucket with the same quant type, blocksize, double quant and dtype; a
+linear problem the exact [N, K] at the nearest M bucket, else the nearest shape. A variant that
+cannot take a problem (``Variant.accepts``) is passed over for the family's always-valid fallback.
+The choice is memoized per problem, so a steady-state call costs one dict lookup before the launch.
+
+This module holds the eager paths; ``_api.py`` adds the torch.compile and autograd routes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
@@ -16,20 +22,26 @@ import torch
 
 from . import _cache, _registry
 from ._format import prepare
+from ._linear import m_bucket, prepare_linear
 
-ENV_VARIANT = "NF4_EXPLORER_VARIANT"
+ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
 
-# Built-in default, from what wins on an H100 (docs/performance.md): word_unpack, 32-bit word loads
-# unpacked straight into 16-byte stores.
+# Built-in defaults. dequantize: word_unpack, the H100 winner (32-bit word loads unpacked straight
+# into 16-byte stores). linear, by M: the GEMV where a tensor-core tile would be mostly padding, the
+# fused GEMM up to LINEAR_TILED_MAX_M, then dequantize + cuBLAS (docs/performance.md, session 5).
 DEFAULT_VARIANT = "word_unpack"
+LINEAR_GEMV_MAX_M = 8
+LINEAR_TILED_MAX_M = 256
+LINEAR_FALLBACK = "linear_dequantize"  # takes every problem
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What ``dequantize`` runs for a problem, and why.
+    """What runs for a problem, and why.
 
     reason is one of "argument", "environment", "tuned (exact)", "tuned (nearest bucket)",
-    "default"; ``source`` names the tuned file or the override, ``detail`` the matched entry.
+    "tuned (nearest M bucket)", "tuned (nearest shape)", "default"; ``source`` names the tuned file
+    or the override, ``detail`` the matched entry.
     """
 
     variant: str
@@ -62,94 +74,140 @@ def _device_entries(device: torch.device) -> tuple[str, list[dict]]:
     return _entries_by_device[name]
 
 
-def _choose(args, device: torch.device) -> Choice:
-    forced = os.environ.get(ENV_VARIANT)
-    if forced:
-        variant = _registry.get(forced)
-        return Choice(variant.name, variant.default_config(args.blocksize), "environment", f"${ENV_VARIANT}")
-    source, entries = _device_entries(device)
-    dtype = _cache.DTYPE_NAMES[args.out_dtype]
+def _same_format(entry: dict, weight, dtype_name: str, family: str) -> bool:
+    return (entry.get("family", "dequantize") == family and entry["quant_type"] == weight.quant_type
+            and entry["blocksize"] == weight.blocksize and entry["double_quant"] == weight.double_quant
+            and entry["out_dtype"] == dtype_name)
+
+
+def _choose_dequantize(args) -> Choice:
+    source, entries = _device_entries(args.device)
     shape = [args.n_rows, args.n_cols] if args.n_rows > 1 else [args.n_cols]
-    same_kind = [
-        e for e in entries
-        if e["quant_type"] == args.quant_type and e["blocksize"] == args.blocksize
-        and e["double_quant"] == args.double_quant and e["out_dtype"] == dtype
-    ]
+    same_kind = [e for e in entries if _same_format(e, args, _cache.DTYPE_NAMES[args.out_dtype], "dequantize")]
     for entry in same_kind:
         if list(entry["shape"]) == shape:
-            return Choice(entry["variant"], dict(entry["config"]), "tuned (exact)", source, f"shape {shape}")
+            return Choice(entry["variant"], dict(entry["config"]), "tuned (exact)", source, _tier(entry, f"shape {shape}"))
     if same_kind:
         bucket = _cache.size_bucket(args.n)
         entry = min(same_kind, key=lambda e: (abs(e["size_bucket"] - bucket), -e["size_bucket"]))
         return Choice(
             entry["variant"], dict(entry["config"]), "tuned (nearest bucket)", source,
-            f"tuned shape {entry['shape']}, bucket {entry['size_bucket']} for {bucket}",
+            _tier(entry, f"tuned shape {entry['shape']}, bucket {entry['size_bucket']} for {bucket}"),
         )
     variant = _registry.get(DEFAULT_VARIANT)
     return Choice(variant.name, variant.default_config(args.blocksize), "default")
 
 
-def _problem_key(args, device) -> tuple:
-    return (device, args.quant_type, args.blocksize, args.double_quant, args.out_dtype, args.n_rows, args.n_cols)
+def _choose_linear(args) -> Choice:
+    source, entries = _device_entries(args.device)
+    bucket = m_bucket(args.m)
+    same_kind = [e for e in entries if _same_format(e, args.weight, _cache.DTYPE_NAMES[args.dtype], "linear")]
+    exact = [e for e in same_kind if list(e["shape"]) == [args.n, args.k]]
+    distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
+    if exact:
+        entry = min(exact, key=lambda e: (distance(e), -e["m_bucket"]))
+        reason = "tuned (exact)" if entry["m_bucket"] == bucket else "tuned (nearest M bucket)"
+        return Choice(entry["variant"], dict(entry["config"]), reason, source,
+                      _tier(entry, f"shape [{args.n}, {args.k}], M bucket {entry['m_bucket']} for M = {args.m}"))
+    if same_kind:
+        size = _cache.size_bucket(args.n * args.k)
+        entry = min(same_kind, key=lambda e: (distance(e), abs(e["size_bucket"] - size), -e["size_bucket"]))
+        return Choice(entry["variant"], dict(entry["config"]), "tuned (nearest shape)", source,
+                      _tier(entry, f"tuned shape {entry['shape']} M bucket {entry['m_bucket']} for "
+                                   f"[{args.n}, {args.k}] M = {args.m}"))
+    name = ("linear_gemv" if args.m <= LINEAR_GEMV_MAX_M else
+            "linear_tiled" if args.m <= LINEAR_TILED_MAX_M else LINEAR_FALLBACK)
+    variant = _registry.get(name)
+    return Choice(variant.name, variant.default_config(args.blocksize), "default")
 
 
-def _resolve(args, variant: str | None, config: Mapping | None) -> tuple[Choice, "_registry.Variant"]:
+def _tier(entry: dict, detail: str) -> str:
+    """The detail of a tuned choice, with the Triton it was tuned with where that is not the running one."""
+    tuned = entry.get("triton_version")
+    if tuned and tuned != _cache.triton_minor():
+        return f"{detail}; tuned with Triton {tuned}"
+    return detail
+
+
+def _problem_key(args, family: str) -> tuple:
+    if family == "linear":
+        w = args.weight
+        return (args.device, family, w.quant_type, w.blocksize, w.double_quant, w.out_dtype, args.dtype, args.n,
+                args.k, m_bucket(args.m))
+    return (args.device, family, args.quant_type, args.blocksize, args.double_quant, args.out_dtype, args.n_rows,
+            args.n_cols)
+
+
+def _resolve(args, family: str, variant: str | None, config: Mapping | None) -> tuple[Choice, "_registry.Variant"]:
     if variant is not None or config is not None:
         if variant is None:
             raise ValueError("config= needs variant=: a config belongs to one variant")
-        chosen = _registry.get(variant)
+        chosen = _family_variant(variant, family)
         config = dict(config) if config is not None else chosen.default_config(args.blocksize)
         chosen.check_config(config, args.blocksize)
+        reason = chosen.accepts(args)
+        if reason is not None:
+            raise ValueError(reason)
         return Choice(chosen.name, config, "argument"), chosen
-    key = _problem_key(args, args.device)
+    key = _problem_key(args, family)
     resolved = _memo.get(key)
     if resolved is None:
-        choice = _choose(args, args.device)
-        resolved = _memo[key] = (choice, _registry.get(choice.variant))
+        resolved = _memo[key] = _decide(args, family)
     return resolved
 
 
-def dequantize(
-    packed: torch.Tensor,
-    state: Any,
-    *,
-    out: torch.Tensor | None = None,
-    variant: str | None = None,
-    config: Mapping | None = None,
-) -> torch.Tensor:
-    """Dequantizes a bitsandbytes 4-bit weight; bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+def _decide(args, family: str) -> tuple[Choice, "_registry.Variant"]:
+    forced = os.environ.get(ENV_VARIANT[family])
+    if forced:
+        variant = _family_variant(forced, family)
+        choice = Choice(variant.name, variant.default_config(args.blocksize), "environment", f"${ENV_VARIANT[family]}")
+    else:
+        choice = _choose_linear(args) if family == "linear" else _choose_dequantize(args)
+    chosen = _registry.get(choice.variant)
+    refusal = chosen.accepts(args)
+    if refusal is not None:
+        fallback = _registry.get(LINEAR_FALLBACK if family == "linear" else DEFAULT_VARIANT)
+        choice = Choice(fallback.name, fallback.default_config(args.blocksize), "default",
+                        detail=f"{choice.variant} cannot take this problem: {refusal}")
+        chosen = fallback
+    return choice, chosen
 
-    Args:
-        packed: uint8 packed codes, shape [ceil(n/2), 1] (bitsandbytes) or any shape with that many
-            bytes (e.g. [rows, cols/2]); element 2i in the high nibble of byte i. Non-contiguous
-            input is copied.
-        state: a :class:`nf4_explorer.QuantState` or a bitsandbytes ``QuantState`` (duck-typed).
-        out: optional contiguous output of ``state.shape`` and ``state.dtype`` on packed's device.
-        variant, config: force a registered variant (and one config of its space); None lets the
-            dispatcher choose from the GPU's tuned file or the built-in default.
 
-    Returns:
-        Tensor of ``state.shape`` and ``state.dtype`` (float16, bfloat16 or float32).
+def _family_variant(name: str, family: str) -> "_registry.Variant":
+    variant = _registry.get(name)
+    if variant.family != family:
+        raise ValueError(f"variant {name!r} is a {variant.family} variant, not a {family} one: "
+                         f"{family} variants are {_registry.names(family=family)}")
+    return variant
 
-    Raises:
-        TypeError / ValueError naming the problem and the fix (wrong dtype, sizes, devices, unknown
-        variant or config, CPU tensors without TRITON_INTERPRET=1).
-    """
-    if torch.compiler.is_compiling():
-        # Under torch.compile the whole call is one opaque custom op (see _op.py).
-        if out is not None or variant is not None or config is not None:
-            raise ValueError("under torch.compile, dequantize takes no out=/variant=/config=: set "
-                             "$NF4_EXPLORER_VARIANT or tune instead")
-        from ._op import call_op
 
-        return call_op(packed, state)
+def dequantize_eager(packed: torch.Tensor, state: Any, *, out: torch.Tensor | None = None,
+                     variant: str | None = None, config: Mapping | None = None) -> torch.Tensor:
+    """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract)."""
     args = prepare(packed, state, out)
-    choice, chosen = _resolve(args, variant, config)
+    choice, chosen = _resolve(args, "dequantize", variant, config)
     chosen.launch(args, choice.config)
     return args.out
+
+
+def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
+                 variant: str | None = None, config: Mapping | None = None) -> torch.Tensor:
+    """``nf4_explorer.linear``'s forward, no autograd (see ``_api.linear`` for the contract)."""
+    args = prepare_linear(x, packed, state, bias)
+    if args.m == 0:
+        return x.new_empty((*x.shape[:-1], args.n))
+    choice, chosen = _resolve(args, "linear", variant, config)
+    chosen.launch(args, choice.config)
+    return args.result()
 
 
 def explain(packed: torch.Tensor, state: Any, *, variant: str | None = None, config: Mapping | None = None) -> Choice:
     """The :class:`Choice` that ``dequantize(packed, state, variant=..., config=...)`` would run."""
     args = prepare(packed, state, None, allocate=False)
-    return _resolve(args, variant, config)[0]
+    return _resolve(args, "dequantize", variant, config)[0]
+
+
+def explain_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, *, variant: str | None = None,
+                   config: Mapping | None = None) -> Choice:
+    """The :class:`Choice` that ``linear(x, packed, state, variant=..., config=...)`` would run."""
+    return _resolve(prepare_linear(x, packed, state), "linear", variant, config)[0]

@@ -47,6 +47,10 @@ class Variant:
     min_capability: None for a plain Triton kernel (any GPU Triton targets, and the interpreter);
                  (major, minor) for a kernel that needs an NVIDIA GPU of that compute capability or
                  newer (a Gluon kernel: no interpreter, no AMD).
+    family:      "dequantize" or "linear" (the argument object it takes: DequantArgs, LinearArgs).
+    run:         for a variant without a Triton kernel of its own: ``run(args, config)``.
+    accepts:     ``accepts(args) -> str | None``: why this variant cannot take a problem (the
+                 dispatcher and the tuner then skip it), or None.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Variant:
     min_capability: tuple[int, int] | None = None
     family: str = "dequantize"
     run: Callable | None = None  # run(args, config): a variant that launches no kernel of its own
+    accepts: Callable[[object], str | None] = lambda args: None  # why it cannot take a problem, or None
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this variant cannot run on ``device``, or None if it can."""

@@ -1,0 +1,159 @@
+"""The linear family's problem: ``x @ dequantize(W).T (+ bias)`` for a bitsandbytes 4-bit weight.
+
+The weight is in bitsandbytes' ``Linear4bit`` orientation: ``state.shape == [N, K]`` (out_features,
+in_features), packed row-major exactly as for dequantization. ``x`` is ``[..., K]`` in float16,
+bfloat16 or float32; the output is ``[..., N]`` in x's dtype. The value is that of
+``torch.nn.functional.linear(x, dequantize(packed, state).to(x.dtype), bias)``.
+
+Kernel interface of the family (one launcher serves every kernel, see ``_launch.py``)::
+
+    kernel[grid](x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+                 M, N, K,
+                 BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, HAS_BIAS, WEIGHT_DTYPE, K_IN_BLOCKS,
+                 <the variant's own constexprs>)
+
+``x`` is seen as a contiguous [M, K] matrix and ``out`` as [M, N]; ``WEIGHT_DTYPE`` is the state's
+dtype (a fused kernel that rounds its decoded weight rounds it there first, as dequantize does);
+``K_IN_BLOCKS`` says K is a multiple of the blocksize, so a weight row holds whole quantization
+blocks (every LLM shape): kernels then read absmax once per block instead of once per element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import triton.language as tl
+
+from ._format import OUT_DTYPES, DequantArgs, device_table, prepare, problem_constexprs
+
+# M buckets of the tuned file: a problem with M rows of x uses the entry of the smallest bucket >= M.
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket of ``m`` rows: the smallest of M_BUCKETS that holds them (the last beyond it)."""
+    for bucket in M_BUCKETS:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+@dataclasses.dataclass
+class LinearArgs:
+    """A validated linear problem, ready for any linear variant.
+
+    x:      the caller's input, [..., K] (``x2d`` is its contiguous [M, K] view).
+    weight: the validated 4-bit weight (DequantArgs without an output buffer).
+    out:    [M, N] output in x's dtype; None until a variant allocates or returns it.
+    """
+
+    x: torch.Tensor
+    x2d: torch.Tensor
+    weight: DequantArgs
+    state: Any
+    bias: torch.Tensor | None
+    out: torch.Tensor | None
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def blocksize(self) -> int:
+        return self.weight.blocksize
+
+    def kernel_arguments(self):
+        """The linear family's kernel interface (see this module's docstring)."""
+        from ._launch import KernelArguments
+
+        if self.out is None:
+            self.out = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        w = self.weight
+        constexprs = problem_constexprs(w.blocksize, w.nested_blocksize, w.quant_type, w.double_quant)
+        constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
+                          K_IN_BLOCKS=self.k % w.blocksize == 0)
+        return KernelArguments(
+            [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_table(w.quant_type, self.device),
+             self.bias if self.bias is not None else self.x2d, self.out, self.m, self.n, self.k],
+            constexprs,
+        )
+
+    def result(self) -> torch.Tensor:
+        """The output in the caller's shape [..., N]."""
+        out = self.out
+        return out if out.dim() == self.x.dim() else out.view(*self.x.shape[:-1], self.n)
+
+
+def prepare_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
+                   for_kernel: bool = True) -> LinearArgs:
+    """Validates a linear problem and returns its :class:`LinearArgs`. Raises TypeError/ValueError
+    naming the problem and the fix."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    weight = prepare(packed, state, None, for_kernel=for_kernel, allocate=False)
+    shape = torch.Size(state.shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"linear needs a 2-D weight: state.shape is {tuple(shape)}; bitsandbytes' Linear4bit stores "
+            "[out_features, in_features]"
+        )
+    n, k = shape
+    if x.dtype not in OUT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}: cast it with x.to(torch.bfloat16)")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the weight is [{n}, {k}] (out_features, in_features): x's last "
+            f"dimension must be {k}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}: move both to one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, the layer has {n} outputs: pass a [{n}] bias")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}: torch.nn.functional.linear needs one dtype "
+                            f"(bias.to({x.dtype}))")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
+        bias = bias if bias.is_contiguous() else bias.contiguous()
+    m = x.numel() // k if k else 0
+    x2d = x.reshape(m, k)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    return LinearArgs(x=x, x2d=x2d, weight=weight, state=state, bias=bias, out=None, m=m, n=n, k=k, dtype=x.dtype,
+                      device=x.device)
+
+
+def reference_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x and the exactly dequantized weight (in x's dtype) multiplied in float64: the ground truth
+    the linear family's tolerance is measured against. Returns float64 [..., N]."""
+    from ._reference import reference_dequantize
+
+    weight = reference_dequantize(packed, state).to(x.dtype)
+    out = x.double() @ weight.double().t()
+    return out + bias.double() if bias is not None else out
+
+
+def tolerance(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None,
+              reference: torch.Tensor | None = None) -> float:
+    """The linear family's contract: the largest error a fused variant may have against
+    :func:`reference_linear`: twice cuBLAS's (``F.linear`` on the dequantized weight in x's dtype)
+    plus one ulp of x's dtype at the largest reference value."""
+    from ._reference import reference_dequantize
+
+    if reference is None:
+        reference = reference_linear(x, packed, state, bias)
+    weight = reference_dequantize(packed, state).to(x.dtype)
+    dense = torch.nn.functional.linear(x, weight, bias)
+    dense_error = (dense.double() - reference).abs().max().item()
+    top = reference.abs().max().item()
+    # ulp at the largest value: eps (the ulp of 1.0) scaled to that value's binade.
+    ulp = torch.finfo(x.dtype).eps * 2.0 ** (math.frexp(top)[1] - 1) if top > 0 else torch.finfo(x.dtype).tiny
+    return 2 * dense_error + ulp

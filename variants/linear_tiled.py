@@ -1,0 +1,74 @@
+"""linear_tiled: a fused 4-bit GEMM. Each program owns a BLOCK_M x BLOCK_N tile of the output and
+walks K in BLOCK_K steps: it decodes the weight tile in registers (bit-identical to dequantize, in
+the state's dtype), casts it to x's dtype and multiplies on the tensor cores (``tl.dot``, float32
+accumulation). The packed weight is read once per M tile and never written dequantized. Program
+order groups GROUP_M tiles along M so that neighbouring programs share weight tiles in L2
+(Triton's tutorial 03)."""
+
+import triton
+import triton.language as tl
+
+from ._decode import dot, round_to, weight_tile
+from ._registry import Variant, register
+
+
+@triton.jit
+def linear_tiled_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    rows_x = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_w = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_mask = rows_x < M
+    w_mask = rows_w < N
+    x_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        cols = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows_x.to(tl.int64)[:, None] * K + cols[None, :],
+                    mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
+        w = weight_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, rows_w, w_mask,
+                        k_start, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT,
+                        TABLE_IN_REGISTERS, K_IN_BLOCKS, WEIGHT_DTYPE)
+        acc = dot(x, tl.trans(w.to(x_dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
+    tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=x_mask[:, None] & w_mask[None, :])
+
+
+def _grid(args, config):
+    return (triton.cdiv(args.m, config["BLOCK_M"]) * triton.cdiv(args.n, config["BLOCK_N"]),)
+
+
+register(Variant(
+    name="linear_tiled",
+    family="linear",
+    kernel=linear_tiled_kernel,
+    grid=_grid,
+    space={
+        "BLOCK_M": (16, 32, 64, 128),
+        "BLOCK_N": (32, 64, 128, 256),
+        "BLOCK_K": (32, 64, 128, 256),
+        "GROUP_M": (1, 8),
+        "TABLE_IN_REGISTERS": (True, False),
+        "num_warps": (4, 8),
+        "num_stages": (2, 3, 4),
+    },
+    default={"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "TABLE_IN_REGISTERS": False,
+             "num_warps": 4, "num_stages": 3},
+    description="fused GEMM: weight tile decoded in registers, tl.dot in float32, grouped tile order",
+))
