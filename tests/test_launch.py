@@ -23,9 +23,10 @@ CONFIG = {"WORDS": 128, "TABLE_IN_REGISTERS": False, "num_warps": 2}
 def _key(args, pointers, config=CONFIG):
     """The cache key of a launch of ``args`` whose packed, absmax, code2, absmax2, offset and out
     sit at ``pointers`` (the table at an aligned address)."""
-    runtime = args.kernel_arguments().runtime
+    arguments = args.kernel_arguments()
+    runtime = arguments.runtime
     values = [*pointers[:5], 4096, pointers[5], *runtime[7:]]
-    return _launch._ready_key("word_unpack", runtime, values, config, 0)
+    return _launch._ready_key("word_unpack", runtime, values, config, 0, arguments.constexprs)
 
 
 def test_aligned_pointers_share_one_key_misaligned_get_none(args):
@@ -51,6 +52,10 @@ def test_key_separates_configs_sizes_and_dtypes(args, device):
     assert _key(wider, pointers) != base
     half = prepare(*nf4_explorer.quantize(torch.randn(8, 128, dtype=torch.float16, device=device)), None)
     assert _key(half, pointers) != base
+    # Same sizes and dtypes, another blocksize or quant type: another compiled kernel.
+    weight = torch.randn(8, 128, dtype=torch.bfloat16, device=device)
+    for other in (dict(blocksize=32), dict(quant_type="fp4")):
+        assert _key(prepare(*nf4_explorer.quantize(weight, double_quant=True, **other), None), pointers) != base, other
 
 
 def test_launch_hooks_turn_the_cached_launch_off():

@@ -147,8 +147,43 @@ def test_broken_file_warns_once_and_falls_back(config_dir, monkeypatch, content,
     assert nf4_explorer.explain(packed, state).reason == "default"
 
 
+def test_an_entry_tuned_with_another_triton_keeps_serving(config_dir, monkeypatch):
+    """A Triton upgrade keeps the tuned entries whose kernels are unchanged, and says so."""
+    slug = _fake_gpu(monkeypatch)
+    config = {"BLOCK": 512, "TABLE_IN_REGISTERS": True, "num_warps": 2}
+    entry = _entry(TINY, "where_gather", config)
+    entry["triton_version"] = "2.9"
+    _write(config_dir / f"{slug}.json", [entry])
+    packed, state = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no staleness warning
+        choice = nf4_explorer.explain(packed, state)
+    assert (choice.variant, dict(choice.config), choice.reason) == ("where_gather", config, "tuned (exact)")
+    assert "tuned with Triton 2.9" in choice.detail
+
+
+def test_an_edited_helper_makes_the_entry_stale(config_dir, monkeypatch):
+    """The kernel hash covers the variant's whole module (helpers, grid, space), not just the kernel."""
+    import inspect
+    import sys
+
+    name = "where_gather"
+    before = _cache.kernel_hash(name)
+    module = sys.modules[nf4_explorer.get(name).kernel.fn.__module__]
+    original = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: original(obj) + ("\n# edited helper" if obj is module else ""))
+    _cache.kernel_hash.cache_clear()
+    try:
+        assert _cache.kernel_hash(name) != before
+        assert _cache.kernel_hash("per_row") == _cache.kernel_hash("per_row")
+        entry = _entry(TINY, name, {"BLOCK": 512, "TABLE_IN_REGISTERS": True, "num_warps": 2}, kernel_hash=before)
+        assert "changed since it was tuned" in _cache.entry_problem(entry)
+    finally:
+        monkeypatch.undo()
+        _cache.kernel_hash.cache_clear()
+
+
 @pytest.mark.parametrize("stale, cause", [
-    (dict(triton_version="2.9"), "tuned with Triton 2.9"),
     (dict(kernel_hash="0" * 16), "changed since it was tuned"),
     (dict(variant="retired_variant"), "unknown variant"),
     (dict(config={"BLOCK": 3}), "invalid config"),
@@ -189,7 +224,7 @@ def test_merge_falls_back_to_the_runner_up_when_the_winner_kernel_changed(tmp_pa
     alone = _entry(Problem((4, 32)), "block_tile", nf4_explorer.get("block_tile").default_config(64), kernel_hash="0" * 16)
     no_gpu = _entry(Problem((4, 64)), "block_tile", nf4_explorer.get("block_tile").default_config(64), kernel_hash="0" * 16,
                     others=others, pct_of_copy=None)  # tuned in the interpreter: no copy bandwidth
-    hashes = {name: _cache.kernel_hash(name) for name in nf4_explorer.names()}
+    hashes = {name: _cache.kernel_hash(name) for name in nf4_explorer.names(family=None)}
     hashes["where_gather"] = "1" * 16  # changed since too: not a valid runner-up
     path = tmp_path / "x.json"
     _write(path, [stale, alone, no_gpu], kernel_hashes=hashes)

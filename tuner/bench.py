@@ -132,7 +132,7 @@ def dispatcher_overhead_us(problem: Problem, *, device="cuda", calls: int = 2000
     out = torch.empty(problem.shape, dtype=problem.torch_dtype, device=device)
     choice = tuning.explain(packed, state)
     launcher = nf4_explorer.get(choice.variant)
-    direct = lambda: launcher.launch(prepare(packed, state, out), choice.config)
+    direct = lambda: launcher.launch(tuning.prepare(packed, state, out), choice.config)
     dispatched = lambda: nf4_explorer.dequantize(packed, state, out=out)
     seconds = timing.best_loop_seconds({"direct": [direct], "dispatcher": [dispatched]}, calls, trials)
     best = {name: total / calls * 1e6 for name, total in seconds.items()}
@@ -150,3 +150,53 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(dataclasses.asdict(row))
+
+
+@dataclasses.dataclass
+class LinearRow:
+    """One linear problem's times (µs, do_bench medians in one process) for every provider."""
+
+    problem: str
+    m: int
+    floor_us: float
+    times: dict[str, float]
+    choice: str
+
+
+def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
+    """Times ``nf4_explorer.linear`` (the dispatcher) beside its anchors, in one process: the floor
+    (packed weight + absmax + x + output bytes at the card's copy rate), bitsandbytes' ``matmul_4bit``
+    and its dequantize + ``F.linear``, our dequantize + cuBLAS, and the dense bf16/fp16 weight under
+    cuBLAS. Every provider's output is checked first (the fused tolerance; exact for dequantize + cuBLAS)."""
+    device = torch.device(device)
+    copy_gbps = timing.copy_bandwidth_gbps(device)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb
+    except Exception:
+        bitsandbytes = bnb = None
+    rows = []
+    for problem in problems:
+        x, packed, state = problem.make_inputs(device)
+        reference = tuning.reference_linear(x, packed, state)
+        bound = tuning.tolerance(x, packed, state, reference=reference)
+        dense_weight = nf4_explorer.dequantize(packed, state).to(x.dtype)
+        ours = nf4_explorer.linear(x, packed, state)
+        error = (ours.double() - reference).abs().max().item()
+        if not error <= bound:
+            raise AssertionError(f"{problem.label()}: nf4-explorer's linear is off by {error:.3g}, over the bound {bound:.3g}")
+        providers = {
+            "nf4-explorer": lambda: nf4_explorer.linear(x, packed, state),
+            "nf4-explorer dequantize + cuBLAS": lambda: nf4_explorer.linear(x, packed, state, variant="linear_dequantize"),
+            "dense cuBLAS": lambda: torch.nn.functional.linear(x, dense_weight),
+        }
+        if bnb is not None:
+            providers["bitsandbytes matmul_4bit"] = lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
+            providers["bitsandbytes dequantize + F.linear"] = (
+                lambda: torch.nn.functional.linear(x, bnb.dequantize_4bit(packed, state).to(x.dtype)))
+        times = {name: timing.median_us(fn, device=device) for name, fn in providers.items()}
+        floor = problem.bytes_moved() / (copy_gbps * 1e9) * 1e6
+        choice = tuning.explain_linear(x, packed, state)
+        rows.append(LinearRow(problem.weight_problem().label(), problem.m, floor, times,
+                              f"{choice.variant} [{choice.reason}]"))
+    return copy_gbps, rows

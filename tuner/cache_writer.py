@@ -52,7 +52,7 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
                 by_key[key] = entry
         doc.update(header)
         doc["schema_version"] = tuning.SCHEMA_VERSION
-        doc["kernel_hashes"] = {name: tuning.kernel_hash(name) for name in nf4_explorer.names()}
+        doc["kernel_hashes"] = {name: tuning.kernel_hash(name) for name in nf4_explorer.names(family=None)}
         doc["entries"] = sorted(by_key.values(), key=_sort_key)
         ordered = {"schema_version": doc.pop("schema_version"), **dict(sorted(doc.items()))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,7 +72,7 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     with the fastest other variant measured in that tuning run whose kernel is unchanged (same
     source hash in ``old_hashes``, the file's hashes when it was written), if there is one. A
     partial re-tune after a kernel edit thus leaves no entry the dispatcher would have to skip."""
-    registered = nf4_explorer.names()
+    registered = nf4_explorer.names(family=None)
     winner = entry.get("variant")
     if winner not in registered or entry.get("kernel_hash") == tuning.kernel_hash(winner):
         return entry
@@ -92,11 +92,13 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
 
 
 def _has_key(entry: dict) -> bool:
-    return all(field in entry for field in ("quant_type", "blocksize", "double_quant", "out_dtype", "shape"))
+    fields = ("quant_type", "blocksize", "double_quant", "out_dtype", "shape")
+    return all(field in entry for field in fields) and (entry.get("family") != "linear" or "m_bucket" in entry)
 
 
 def _sort_key(entry: dict):
-    return (entry["quant_type"], entry["blocksize"], not entry["double_quant"], entry["out_dtype"], entry["shape"])
+    return (entry.get("family", "dequantize"), entry["quant_type"], entry["blocksize"], not entry["double_quant"],
+            entry["out_dtype"], entry["shape"], entry.get("m_bucket") or 0)
 
 
 def _read_or_empty(path: Path) -> dict:

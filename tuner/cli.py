@@ -14,6 +14,15 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nf4-explorer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _device():
     import torch
 
@@ -134,7 +143,21 @@ def cmd_tune(args) -> int:
         console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
                       "nothing.[/yellow]")
     problems = _problems(args, device, "llm")
-    names = args.variants.split(",") if args.variants else nf4_explorer.names(device)
+    if args.family == "linear":
+        from .problems import linear_problems
+
+        try:
+            buckets = [int(m) for m in args.m.split(",")] if args.m else None
+            problems = linear_problems(problems, buckets)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+    names = args.variants.split(",") if args.variants else nf4_explorer.names(device, family=args.family)
+    for name in names:
+        if name in nf4_explorer.names(family=None) and nf4_explorer.get(name).family != args.family:
+            console.print(f"[red]error:[/red] {name} is a {nf4_explorer.get(name).family} variant; tuning the "
+                          f"{args.family} family takes {', '.join(nf4_explorer.names(family=args.family))}")
+            return 2
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
                              storage=args.storage, output_dir=args.output, seed=args.seed, device=device)
@@ -145,7 +168,8 @@ def cmd_tune(args) -> int:
     for column in ("problem", "winner", "config", "µs", "GB/s", "% copy"):
         table.add_column(column)
     for entry in entries:
-        table.add_row(" ".join(str(entry[k]) for k in ("shape", "quant_type", "blocksize", "out_dtype")),
+        m = f"M={entry['m_bucket']} " if "m_bucket" in entry else ""
+        table.add_row(m + " ".join(str(entry[k]) for k in ("shape", "quant_type", "blocksize", "out_dtype")),
                       entry["variant"], str(entry["config"]), f"{entry['time_us']:.1f}", f"{entry['gbps']:.0f}",
                       str(entry["pct_of_copy"]))
     console.print(table)
@@ -181,6 +205,8 @@ def cmd_bench(args) -> int:
         console.print("[red]error:[/red] bench times kernels on a CUDA GPU; none found here "
                       "(the interpreter's times mean nothing). Run `nf4-explorer check` instead.")
         return 2
+    if args.linear:
+        return _bench_linear(args, device)
     if args.preset or args.shapes or args.shapes_file:
         problems = _problems(args, device, "issue")
     else:
@@ -214,6 +240,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_linear(args, device) -> int:
+    import torch
+    import triton
+
+    from .bench import linear_bench
+    from .problems import Problem, linear_problems
+
+    if args.preset or args.shapes or args.shapes_file:
+        problems = _problems(args, device, "llm")
+    else:
+        problems = [Problem(shape, dtype) for dtype in ("bfloat16", "float16") for shape in ((14336, 4096), (4096, 14336))]
+    try:
+        buckets = [int(m) for m in args.m.split(",")] if args.m else [1, 4, 16, 64, 256, 1024, 4096]
+        problems = linear_problems(problems, buckets)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    copy_gbps, rows = linear_bench(problems, device=device)
+    providers = list(rows[0].times)
+    table = Table(title=f"linear, µs | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s | "
+                        f"torch {torch.__version__}, triton {triton.__version__}")
+    for column in ("problem", "M", "floor", *providers, "x floor", "vs bnb", "runs"):
+        table.add_column(column)
+    for row in rows:
+        ours = row.times["nf4-explorer"]
+        bnb = row.times.get("bitsandbytes matmul_4bit")
+        table.add_row(row.problem, str(row.m), f"{row.floor_us:.1f}", *(f"{row.times[p]:.1f}" for p in providers),
+                      f"{ours / row.floor_us:.1f}", f"{bnb / ours:.2f}x" if bnb else "-", row.choice)
+    console.print(table)
+    return 0
+
+
 def _print_bench(copy_gbps: float, rows) -> None:
     import torch
     import triton
@@ -236,8 +294,10 @@ def _print_bench(copy_gbps: float, rows) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="nf4-explorer",
-        description="Bit-exact bitsandbytes NF4/FP4 dequantization with tuned Triton kernels.",
+        description="Bitsandbytes NF4/FP4 weights with tuned Triton kernels: bit-exact dequantization and fused "
+                    "4-bit linear layers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="exactness and time of every variant on this GPU (or the interpreter)")
@@ -245,7 +305,10 @@ def main(argv=None) -> int:
 
     tune = sub.add_parser("tune", help="tune every variant on this GPU and save the winners")
     _problem_args(tune, "llm")
-    tune.add_argument("--variants", help="comma-separated variants (default: all registered)")
+    tune.add_argument("--family", choices=["dequantize", "linear"], default="dequantize",
+                      help="kernel family to tune (default dequantize); linear tunes each shape at every M bucket")
+    tune.add_argument("--m", help="linear family: comma-separated M buckets (default: 1,2,4,...,4096)")
+    tune.add_argument("--variants", help="comma-separated variants of the family (default: all registered)")
     tune.add_argument("--driver", choices=["optuna", "exhaustive"], default="optuna",
                       help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: triton.autotune over the whole space")
     tune.add_argument("--trials", type=int, default=16, help="Optuna trials per variant and problem (default 16)")
@@ -267,6 +330,9 @@ def main(argv=None) -> int:
     bench.add_argument("--loop", action="store_true", help="also run the back-to-back loop (3 shapes x 3 weights x 1000)")
     bench.add_argument("--out", help="directory for bench.csv and bench.png")
     bench.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference")
+    bench.add_argument("--linear", action="store_true", help="the linear family: nf4_explorer.linear per M beside "
+                       "bitsandbytes, dequantize + cuBLAS, dense cuBLAS and the floor")
+    bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")
     bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import nf4_explorer
-from nf4_explorer.tuning import BLOCKSIZES, DTYPE_NAMES, QUANT_TYPES, size_bucket
+from nf4_explorer.tuning import BLOCKSIZES, DTYPE_NAMES, M_BUCKETS, QUANT_TYPES, size_bucket
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DTYPES.update({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32})
@@ -59,6 +59,62 @@ class Problem:
         return nf4_explorer.quantize(
             weight, blocksize=self.blocksize, double_quant=self.double_quant, quant_type=self.quant_type
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProblem:
+    """One linear problem: x [m, K] times a 4-bit weight [N, K] (``shape``) in one format; ``dtype``
+    is x's (and the weight state's) dtype; ``m`` is the M bucket it is tuned for."""
+
+    shape: tuple[int, int]
+    m: int
+    dtype: str = "bfloat16"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    family = "linear"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def weight_problem(self) -> Problem:
+        return Problem(tuple(self.shape), self.dtype, self.blocksize, self.double_quant, self.quant_type)
+
+    def key(self) -> dict:
+        return {"family": "linear", **self.weight_problem().key(), "m_bucket": self.m}
+
+    def label(self) -> str:
+        return f"M={self.m} {self.weight_problem().label()}"
+
+    def bytes_moved(self) -> int:
+        """Fewest bytes: the packed weight and its absmax once, x and the output."""
+        n, k = self.shape
+        weight = self.weight_problem().bytes_moved() - n * k * self.torch_dtype.itemsize
+        return weight + (self.m * k + self.m * n) * self.torch_dtype.itemsize
+
+    def make_inputs(self, device, seed: int = 0):
+        """(x, packed, state) on ``device``: random x and a random weight in this format."""
+        packed, state = self.weight_problem().make_inputs(device, seed)
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+        x = torch.randn((self.m, self.shape[1]), generator=generator, dtype=torch.float32).to(device, self.torch_dtype)
+        return x, packed, state
+
+
+def linear_problems(problems: list[Problem], m_buckets=None) -> list[LinearProblem]:
+    """The linear problems of 2-D weight problems, at every M bucket (default: all of M_BUCKETS)."""
+    buckets = list(m_buckets or M_BUCKETS)
+    for m in buckets:
+        if m not in M_BUCKETS:
+            raise ValueError(f"--m: {m} is not an M bucket: use some of {','.join(map(str, M_BUCKETS))}")
+    out = []
+    for problem in problems:
+        if len(problem.shape) != 2:
+            raise ValueError(f"shape {problem.shape}: a linear layer's weight is 2-D, [out_features, in_features]")
+        for m in buckets:
+            out.append(LinearProblem(tuple(problem.shape), m, problem.dtype, problem.blocksize, problem.double_quant,
+                                     problem.quant_type))
+    return out
 
 
 def load_presets(path: str | Path | None = None) -> dict:

@@ -21,7 +21,7 @@ from nf4_explorer import tuning
 from nf4_explorer.tuning import LAUNCH_PARAMS, prepare
 
 from . import timing
-from .problems import Problem
+from .problems import LinearProblem, Problem
 
 
 class CandidateFailed(Exception):
@@ -45,8 +45,63 @@ class Workload:
         return cls(problem, packed, state, reference, torch.empty_like(reference))
 
 
-def measure(workload: Workload, name: str, config: dict) -> float:
+@dataclasses.dataclass
+class LinearWorkload:
+    """One linear problem's inputs on the device, its float64 reference and the family's tolerance
+    (twice cuBLAS's error plus one ulp), and the exact F.linear output linear_dequantize must equal."""
+
+    problem: LinearProblem
+    x: torch.Tensor
+    packed: torch.Tensor
+    state: object
+    reference: torch.Tensor
+    bound: float
+    dense: torch.Tensor
+
+    @classmethod
+    def make(cls, problem: LinearProblem, device) -> "LinearWorkload":
+        x, packed, state = problem.make_inputs(device)
+        reference = tuning.reference_linear(x, packed, state)
+        bound = tuning.tolerance(x, packed, state, reference=reference)
+        dense = torch.nn.functional.linear(x, nf4_explorer.reference_dequantize(packed, state).to(x.dtype))
+        return cls(problem, x, packed, state, reference, bound, dense)
+
+
+def make_workload(problem, device):
+    return LinearWorkload.make(problem, device) if isinstance(problem, LinearProblem) else Workload.make(problem, device)
+
+
+def measure_linear(workload: LinearWorkload, name: str, config: dict) -> float:
+    """Median µs of linear variant ``name`` at ``config``; raises CandidateFailed if it cannot run, or
+    is outside the family's tolerance (linear_dequantize: not bit-identical to F.linear)."""
+    variant = nf4_explorer.get(name)
+    make_args = lambda: tuning.prepare_linear(workload.x, workload.packed, workload.state)  # noqa: E731
+    args = make_args()
+    refusal = variant.accepts(args)
+    if refusal is not None:
+        raise CandidateFailed(refusal)
+    try:
+        variant.launch(args, config)
+        if workload.x.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:  # compile errors, out of resources, launch failures
+        raise CandidateFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+    out = args.result()
+    if name == "linear_dequantize":
+        if not torch.equal(out, workload.dense):
+            raise CandidateFailed("not bit-identical to F.linear")
+    else:
+        error = (out.double() - workload.reference).abs().max().item()
+        if not error <= workload.bound:
+            raise CandidateFailed(f"error {error:.3g} over the tolerance {workload.bound:.3g}")
+    return timing.median_us(lambda: variant.launch(make_args(), config), device=workload.x.device, warmup_ms=10,
+                            rep_ms=40)
+
+
+def measure(workload, name: str, config: dict) -> float:
     """Median µs of variant ``name`` at ``config``; raises CandidateFailed if it cannot run or is wrong."""
+    if isinstance(workload, LinearWorkload):
+        return measure_linear(workload, name, config)
     variant = nf4_explorer.get(name)
     args = prepare(workload.packed, workload.state, workload.out)
     try:
@@ -65,7 +120,8 @@ def measure(workload: Workload, name: str, config: dict) -> float:
 
 def study_name(device_slug: str, name: str, problem: Problem) -> str:
     key = problem.key()
-    return (f"{device_slug}:{name}:{key['quant_type']}:bs{key['blocksize']}:dq{int(key['double_quant'])}:"
+    family = f"linear:m{key['m_bucket']}:" if key.get("family") == "linear" else ""
+    return (f"{device_slug}:{family}{name}:{key['quant_type']}:bs{key['blocksize']}:dq{int(key['double_quant'])}:"
             f"{key['out_dtype']}:{'x'.join(map(str, key['shape']))}")
 
 
@@ -162,6 +218,18 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
 
     variant = nf4_explorer.get(name)
     configs = variant.configs(workload.problem.blocksize)
+    if isinstance(workload, LinearWorkload):
+        # Every config timed in turn (a linear variant's launcher builds its own arguments).
+        best = None
+        for config in configs:
+            try:
+                time_us = measure(workload, name, config)
+            except CandidateFailed:
+                time_us = None
+            if time_us is not None and (best is None or time_us < best["time_us"]):
+                best = {"config": config, "time_us": time_us}
+            on_trial(best["time_us"] if best else None)
+        return best, len(configs)
     triton_configs = [
         triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS},
                       num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
@@ -233,7 +301,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         for index, problem in enumerate(problems, 1):
-            workload = Workload.make(problem, device)
+            workload = make_workload(problem, device)
             bests, spent = {}, 0
             for name in names:
                 bar.set_description(f"[{index}/{len(problems)}] {problem.label()} {name}", refresh=False)

@@ -2,7 +2,7 @@
 
 The writer lives in ``tuner/`` (the runtime never imports the tuner); both share the names here.
 
-File layout (``schema_version`` 1)::
+File layout (``schema_version`` 2; files of version 1, dequantize entries only, are read as they are)::
 
     {"schema_version": 1, "device_name": ..., "compute_capability": [9, 0], "sm_count": 132,
      "copy_bandwidth_gbps": 3019.0, "torch_version": ..., "triton_version": ...,
@@ -12,7 +12,11 @@ File layout (``schema_version`` 1)::
                   "variant": "block_tile", "config": {...}, "time_us": 9.1, "gbps": 2810.0,
                   "pct_of_copy": 93.1, "others": {"per_row": {"config": {...}, "time_us": 12.0}},
                   "driver": "optuna", "trials": 40, "date": "2026-11-27",
-                  "triton_version": "3.6", "kernel_hash": "1f2e..."}]}
+                  "triton_version": "3.6", "kernel_hash": "1f2e..."},
+                 {"family": "linear", "m_bucket": 16, "shape": [14336, 4096], ... (the same fields;
+                  out_dtype is x's dtype, shape the weight's [N, K])}]}
+
+An entry without "family" is a dequantize entry.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Any
 import torch
 import triton
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 ENV_CONFIG_DIR = "NF4_EXPLORER_CONFIG_DIR"
 ENTRY_FIELDS = ("quant_type", "blocksize", "double_quant", "out_dtype", "size_bucket", "shape", "variant", "config")
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -89,18 +94,29 @@ def find_file(name: str) -> Path | None:
 
 @functools.lru_cache(maxsize=None)
 def kernel_hash(variant_name: str) -> str:
-    """sha256 (16 hex digits) of a variant's kernel source and the shared device code it calls:
-    an edited kernel never reuses old winners."""
-    from . import _decode, _registry
+    """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
+    module (kernel, helpers, grid, space), the shared device code, the launcher and the family's
+    argument builder. An edit to any of them marks its tuned entries stale, and nothing else does."""
+    import sys
 
-    kernel = _registry.get(variant_name).kernel
-    source = inspect.getsource(getattr(kernel, "fn", kernel)) + inspect.getsource(_decode)
+    from . import _decode, _format, _launch, _linear, _registry
+
+    variant = _registry.get(variant_name)
+    function = variant.kernel if variant.kernel is not None else variant.run
+    module = sys.modules[getattr(function, "fn", function).__module__]
+    family = _linear if variant.family == "linear" else _format
+    source = "".join(inspect.getsource(m) for m in (module, _decode, _launch, family)) + repr(sorted(variant.space.items()))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def entry_family(entry: dict) -> str:
+    return entry.get("family", "dequantize")
 
 
 def entry_key(entry: dict) -> tuple:
     """The identity of an entry: two entries with one key are the same tuned problem."""
-    return (entry["quant_type"], entry["blocksize"], entry["double_quant"], entry["out_dtype"], tuple(entry["shape"]))
+    return (entry_family(entry), entry["quant_type"], entry["blocksize"], entry["double_quant"], entry["out_dtype"],
+            tuple(entry["shape"]), entry.get("m_bucket"))
 
 
 def validate_document(doc: Any) -> list[str]:
@@ -108,8 +124,8 @@ def validate_document(doc: Any) -> list[str]:
     if not isinstance(doc, dict):
         return ["top level is not a JSON object"]
     problems = []
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema_version is {doc.get('schema_version')!r}, this nf4-explorer reads {SCHEMA_VERSION}")
+    if doc.get("schema_version") not in READABLE_SCHEMAS:
+        problems.append(f"schema_version is {doc.get('schema_version')!r}, this nf4-explorer reads {READABLE_SCHEMAS}")
     if not isinstance(doc.get("entries"), list):
         problems.append("no 'entries' list")
     return problems
@@ -121,10 +137,12 @@ def entry_problem(entry: Any) -> str | None:
 
     if not isinstance(entry, dict) or any(f not in entry for f in ENTRY_FIELDS):
         return "malformed entry"
-    if entry["variant"] not in _registry.names():
+    if entry["variant"] not in _registry.names(family=entry_family(entry)):
         return f"unknown variant {entry['variant']!r}"
-    if entry.get("triton_version") != triton_minor():
-        return f"tuned with Triton {entry.get('triton_version')}, running {triton_minor()}"
+    # An entry tuned with another Triton keeps serving while its kernel is unchanged (the choice says
+    # "tuned with Triton X"): a winner rarely changes with the compiler, the built-in default is
+    # slower (1.03x at the median, 1.14x at worst over five shapes on an H200), and an entry that
+    # fails to compile or launch under this Triton is dropped at its first call (_dispatch).
     if entry.get("kernel_hash") != kernel_hash(entry["variant"]):
         return f"kernel {entry['variant']} changed since it was tuned"
     try:

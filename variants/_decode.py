@@ -209,3 +209,40 @@ def dot(a, b, acc):
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def weight_words(packed_ptr, rows, row_mask, k_start, K, WORDS: tl.constexpr):
+    """The packed 32-bit words [len(rows), WORDS] of weight rows ``rows`` from column k_start (a
+    multiple of 8): word w holds columns k_start + 8w .. k_start + 8w + 7 (K % 8 == 0). Words past
+    K read as 0."""
+    words_per_row = K // 8
+    col_words = k_start // 8 + tl.arange(0, WORDS)
+    word = rows.to(tl.int64)[:, None] * words_per_row + col_words[None, :]
+    mask = row_mask[:, None] & (col_words < words_per_row)[None, :]
+    return tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + word, mask=mask, other=0)
+
+
+@triton.jit
+def word_absmax(
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_mask, k_start, K,
+    WORDS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+):
+    """float32 absmax [len(rows), WORDS] of each packed word of a weight tile whose rows hold
+    whole blocks (K % BLOCKSIZE == 0): the 8 codes of a word share one block."""
+    cols = k_start + tl.arange(0, WORDS) * 8
+    block = rows.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :]
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    return load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, 0, NESTED_BLOCKSIZE,
+                       DOUBLE_QUANT, False)
+
+
+@triton.jit
+def byte_pair_values(words, BYTE: tl.constexpr, table_ptr):
+    """The float32 values of the two codes in byte BYTE (0..3, little-endian) of each word: (even
+    element = high nibble, odd element = low nibble), one 64-bit load from the pair table."""
+    byte = (words >> (8 * BYTE)) & 0xFF
+    pair = tl.load((table_ptr + 16).to(tl.pointer_type(tl.int64)) + byte)
+    even = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    odd = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return even, odd

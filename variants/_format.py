@@ -133,6 +133,20 @@ def device_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return table
 
 
+def device_pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The linear family's float32 table on ``device`` (cached): the 16 values, then for every byte
+    b the pair (value of its high nibble, value of its low nibble) at [16 + 2b, 16 + 2b + 1], so
+    one 64-bit load decodes two elements."""
+    key = ("pairs", quant_type, device)
+    table = _TABLES_ON_DEVICE.get(key)
+    if table is None:
+        values = torch.tensor(TABLES[quant_type], dtype=torch.float32)
+        byte = torch.arange(256)
+        pairs = torch.stack((values[byte >> 4], values[byte & 15]), dim=1).reshape(-1)
+        table = _TABLES_ON_DEVICE[key] = torch.cat((values, pairs)).to(device)
+    return table
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

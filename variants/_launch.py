@@ -9,7 +9,8 @@ per call measured on the H100 machine, triton 3.6), which dominates small proble
 launch of a (kernel, config, problem) with 16-byte aligned pointers, the compiled kernel, its grid
 and every argument but the data pointers are kept, and later calls go straight to its launcher.
 The key holds everything Triton specializes on: the tensors' dtypes, every integer argument's value
-(so the grid is fixed too), the constexprs and the launch parameters.
+(so the grid is fixed too), the problem's constexprs (blocksize, quant type, ...), the config and the
+launch parameters.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def launch(kernel, grid: Callable[[Mapping], tuple], arguments: KernelArguments,
                 return launch(kernel, grid, arguments, config, device, name)
         if _FAST_LAUNCH_OK[0]:
             values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in runtime]
-            key = _ready_key(name, runtime, values, config, device_index)
+            key = _ready_key(name, runtime, values, config, device_index, arguments.constexprs)
             ready = _READY.get(key) if key is not None else None
             if ready is not None and ready.launch(values):
                 return
@@ -108,7 +109,8 @@ def _no_hook(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
 
-def _ready_key(name: str, runtime: list, values: list, config: Mapping, device_index: int) -> tuple | None:
+def _ready_key(name: str, runtime: list, values: list, config: Mapping, device_index: int,
+               constexprs: Mapping) -> tuple | None:
     # Only 16-byte aligned pointers (what allocations give) take the fast path; Triton specializes
     # on alignment, so other pointers take the normal launch every time.
     dtypes = []
@@ -119,7 +121,7 @@ def _ready_key(name: str, runtime: list, values: list, config: Mapping, device_i
             dtypes.append(arg.dtype)
         else:
             dtypes.append(value)
-    return (name, tuple(config.items()), device_index, *dtypes)
+    return (name, tuple(config.items()), tuple(constexprs.items()), device_index, *dtypes)
 
 
 def _remember(key, compiled, grid, n_runtime, constexprs, arg_names, device_index) -> None:

@@ -12,7 +12,8 @@ Kernel interface of the family (one launcher serves every kernel, see ``_launch.
                  BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, HAS_BIAS, WEIGHT_DTYPE, K_IN_BLOCKS,
                  <the variant's own constexprs>)
 
-``x`` is seen as a contiguous [M, K] matrix and ``out`` as [M, N]; ``WEIGHT_DTYPE`` is the state's
+``x`` is seen as a contiguous [M, K] matrix and ``out`` as [M, N]; ``table_ptr`` holds the 16 values
+then the 256 byte pairs (``_format.device_pair_table``); ``WEIGHT_DTYPE`` is the state's
 dtype (a fused kernel that rounds its decoded weight rounds it there first, as dequantize does);
 ``K_IN_BLOCKS`` says K is a multiple of the blocksize, so a weight row holds whole quantization
 blocks (every LLM shape): kernels then read absmax once per block instead of once per element.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import triton.language as tl
 
-from ._format import OUT_DTYPES, DequantArgs, device_table, prepare, problem_constexprs
+from ._format import OUT_DTYPES, DequantArgs, device_pair_table, prepare, problem_constexprs
 
 # M buckets of the tuned file: a problem with M rows of x uses the entry of the smallest bucket >= M.
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -78,7 +79,7 @@ class LinearArgs:
         constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
                           K_IN_BLOCKS=self.k % w.blocksize == 0)
         return KernelArguments(
-            [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_table(w.quant_type, self.device),
+            [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_pair_table(w.quant_type, self.device),
              self.bias if self.bias is not None else self.x2d, self.out, self.m, self.n, self.k],
             constexprs,
         )

@@ -17,9 +17,11 @@ def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> to
     n = shape.numel()
     key = (device, dtype)
     buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < n or torch.cuda.is_current_stream_capturing():
+    # A buffer allocated during a CUDA-graph capture belongs to the graph's pool: not kept.
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if buffer is None or buffer.numel() < n or capturing:
         buffer = torch.empty(n, dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not capturing:
             _WORKSPACES[key] = buffer
     return buffer[:n].view(shape)
 

@@ -1,6 +1,7 @@
 """linear_tiled: a fused 4-bit GEMM. Each program owns a BLOCK_M x BLOCK_N tile of the output and
-walks K in BLOCK_K steps: it decodes the weight tile in registers (bit-identical to dequantize, in
-the state's dtype), casts it to x's dtype and multiplies on the tensor cores (``tl.dot``, float32
+walks K in steps of WORDS packed 32-bit words (8 * WORDS columns): it decodes the weight tile in
+registers, a byte (two codes) per 64-bit load of a value-pair table, bit-identical to dequantize in
+the state's dtype, casts it to x's dtype and multiplies on the tensor cores (``tl.dot``, float32
 accumulation). The packed weight is read once per M tile and never written dequantized. Program
 order groups GROUP_M tiles along M so that neighbouring programs share weight tiles in L2
 (Triton's tutorial 03)."""
@@ -8,7 +9,7 @@ order groups GROUP_M tiles along M so that neighbouring programs share weight ti
 import triton
 import triton.language as tl
 
-from ._decode import dot, round_to, weight_tile
+from ._decode import byte_pair_values, dot, round_to, weight_tile, weight_words, word_absmax
 from ._registry import Variant, register
 
 
@@ -18,8 +19,7 @@ def linear_tiled_kernel(
     M, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr,
-    TABLE_IN_REGISTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -35,15 +35,33 @@ def linear_tiled_kernel(
     x_mask = rows_x < M
     w_mask = rows_w < N
     x_dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        cols = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows_x.to(tl.int64)[:, None] * K + cols[None, :],
-                    mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
-        w = weight_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, rows_w, w_mask,
-                        k_start, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT,
-                        TABLE_IN_REGISTERS, K_IN_BLOCKS, WEIGHT_DTYPE)
-        acc = dot(x, tl.trans(w.to(x_dtype)), acc)
+    for k_start in range(0, K, 8 * WORDS):
+        if K_IN_BLOCKS:
+            # No reshapes (they cost layout shuffles): the tile is multiplied as 8 slices, element
+            # j of every packed word against x's column j of every word; the sum is the same.
+            words = weight_words(packed_ptr, rows_w, w_mask, k_start, K, WORDS)
+            absmax = word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows_w, w_mask, k_start, K, WORDS,
+                                 BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            cols = k_start + tl.arange(0, WORDS) * 8
+            x_word_mask = x_mask[:, None] & (cols < K)[None, :]
+            for byte in tl.static_range(4):
+                even, odd = byte_pair_values(words, byte, table_ptr)
+                x_even = tl.load(x_rows + cols[None, :] + 2 * byte, mask=x_word_mask, other=0.0)
+                x_odd = tl.load(x_rows + cols[None, :] + 2 * byte + 1, mask=x_word_mask, other=0.0)
+                # The weight exactly as dequantize writes it, then in x's dtype.
+                w_even = round_to(even * absmax, WEIGHT_DTYPE).to(x_dtype)
+                w_odd = round_to(odd * absmax, WEIGHT_DTYPE).to(x_dtype)
+                acc = dot(x_even, tl.trans(w_even), acc)
+                acc = dot(x_odd, tl.trans(w_odd), acc)
+        else:
+            cols = k_start + tl.arange(0, 8 * WORDS)
+            x = tl.load(x_rows + cols[None, :], mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
+            w = weight_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, rows_w, w_mask,
+                            k_start, K, 8 * WORDS, BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT,
+                            False, False, WEIGHT_DTYPE)
+            acc = dot(x, tl.trans(w.to(x_dtype)), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
@@ -62,13 +80,11 @@ register(Variant(
     space={
         "BLOCK_M": (16, 32, 64, 128),
         "BLOCK_N": (32, 64, 128, 256),
-        "BLOCK_K": (32, 64, 128, 256),
+        "WORDS": (16, 32),
         "GROUP_M": (1, 8),
-        "TABLE_IN_REGISTERS": (True, False),
         "num_warps": (4, 8),
         "num_stages": (2, 3, 4),
     },
-    default={"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "TABLE_IN_REGISTERS": False,
-             "num_warps": 4, "num_stages": 3},
+    default={"BLOCK_M": 64, "BLOCK_N": 128, "WORDS": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     description="fused GEMM: weight tile decoded in registers, tl.dot in float32, grouped tile order",
 ))
