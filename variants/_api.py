@@ -74,7 +74,8 @@ def linear(
     Raises:
         TypeError / ValueError naming the problem and the fix.
     """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    needs_grad = torch.is_grad_enabled() and (getattr(x, "requires_grad", False)
+                                              or getattr(bias, "requires_grad", False))
     if torch.compiler.is_compiling() or needs_grad:
         if variant is not None or config is not None:
             raise ValueError("with autograd or under torch.compile, linear takes no variant=/config=: set "

@@ -1,0 +1,209 @@
+"""The linear family: every registered linear variant against x and the dequantized weight in
+float64 (the family's tolerance: twice cuBLAS's error plus one ulp), linear_dequantize bit-identical
+to F.linear, autograd as bitsandbytes' MatMul4Bit.backward, the custom op under torch.compile, and the
+dispatcher by M bucket. On a machine without a GPU this runs in Triton's interpreter, tiny shapes."""
+
+import json
+
+import pytest
+import torch
+
+import nf4_explorer
+from nf4_explorer import _dispatch, tuning
+from helpers import assert_bit_equal
+
+LINEAR = nf4_explorer.names(family="linear")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _problem(n, k, m, dtype, device, blocksize=64, double_quant=True, quant_type="nf4", bias=False, lead=()):
+    weight = torch.randn(n, k, dtype=dtype, device=device)
+    packed, state = nf4_explorer.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+    x = torch.randn(*lead, m, k, dtype=dtype, device=device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    return x, packed, state, b
+
+
+def _configs(name, blocksize):
+    """The default config and two more of the variant's space (every variant is tested at three)."""
+    variant = nf4_explorer.get(name)
+    configs = variant.configs(blocksize)
+    default = variant.default_config(blocksize)
+    others = [c for c in configs if c != default]
+    return [default] + ([others[0], others[len(others) // 2]] if len(others) > 1 else others)
+
+
+def _check(name, config, x, packed, state, bias):
+    out = nf4_explorer.linear(x, packed, state, bias, variant=name, config=config)
+    assert out.shape == (*x.shape[:-1], state.shape[0]) and out.dtype == x.dtype
+    if name == "linear_dequantize":
+        expected = torch.nn.functional.linear(x, nf4_explorer.dequantize(packed, state).to(x.dtype), bias)
+        assert_bit_equal(out, expected, name)
+        return
+    reference = tuning.reference_linear(x, packed, state, bias)
+    bound = tuning.tolerance(x, packed, state, bias, reference=reference)
+    error = (out.double() - reference).abs().max().item()
+    assert error <= bound, f"{name} {config}: max error {error:.3g} over the bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("name", LINEAR)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_variant_within_the_contract(name, dtype, device):
+    x, packed, state, bias = _problem(48, 128, 3, dtype, device, bias=True)
+    for config in _configs(name, 64):
+        _check(name, config, x, packed, state, bias)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+@pytest.mark.parametrize("fmt", [dict(quant_type="fp4", double_quant=False, blocksize=32),
+                                 dict(quant_type="nf4", double_quant=True, blocksize=128),
+                                 dict(quant_type="fp4", double_quant=True, blocksize=64)], ids=str)
+def test_formats_and_leading_shapes(name, fmt, device):
+    x, packed, state, _ = _problem(40, 256, 5, torch.bfloat16, device, lead=(2,), **fmt)
+    _check(name, nf4_explorer.get(name).default_config(fmt["blocksize"]), x, packed, state, None)
+
+
+def test_k_not_in_whole_blocks(device):
+    """K = 100 with blocksize 32: rows straddle quantization blocks. The GEMV refuses (with the
+    fix), the tiled kernel takes its per-element path, dequantize + cuBLAS takes anything."""
+    x, packed, state, bias = _problem(24, 100, 4, torch.float16, device, blocksize=32, bias=True)
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        nf4_explorer.linear(x, packed, state, variant="linear_gemv")
+    for name in ("linear_tiled", "linear_dequantize"):
+        _check(name, nf4_explorer.get(name).default_config(32), x, packed, state, bias)
+    assert nf4_explorer.explain_linear(x[:1], packed, state).variant == "linear_dequantize"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_is_bitsandbytes_op_for_op(dtype, device):
+    """grad_x = grad @ dequantize(W).to(grad.dtype), grad_bias = grad.sum(0): MatMul4Bit.backward."""
+    x, packed, state, bias = _problem(32, 128, 6, dtype, device, bias=True)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    grad = torch.randn(6, 32, dtype=dtype, device=device)
+    out = nf4_explorer.linear(x, packed, state, bias)
+    grad_x, grad_bias = torch.autograd.grad(out, (x, bias), grad)
+    weight = nf4_explorer.reference_dequantize(packed, state)
+    assert_bit_equal(grad_x, torch.matmul(grad, weight.to(grad.dtype)), "grad x")
+    assert_bit_equal(grad_bias, grad.sum(0, dtype=bias.dtype), "grad bias")
+    with torch.no_grad():
+        assert_bit_equal(out.detach(), nf4_explorer.linear(x, packed, state, bias), "forward with and without autograd")
+
+
+def test_torch_compile_fullgraph(device):
+    x, packed, state, bias = _problem(32, 128, 3, torch.bfloat16, device, bias=True)
+
+    def layer(x):
+        return torch.relu(nf4_explorer.linear(x, packed, state, bias))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    assert_bit_equal(compiled(x), layer(x), "compiled vs eager")
+
+
+def test_fake_op_gives_shape_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, packed, state, _ = _problem(16, 64, 3, torch.float16, "cpu", lead=(2,))
+    with FakeTensorMode() as mode:
+        s2 = state.state2
+        fake_state = nf4_explorer.QuantState(
+            absmax=mode.from_tensor(state.absmax), shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+            quant_type=state.quant_type, offset=mode.from_tensor(state.offset),
+            state2=nf4_explorer.QuantState(absmax=mode.from_tensor(s2.absmax), shape=s2.shape, dtype=s2.dtype,
+                                           blocksize=s2.blocksize, code=mode.from_tensor(s2.code)))
+        fake = nf4_explorer._op.call_linear_op(mode.from_tensor(x), mode.from_tensor(packed), fake_state, None)
+    assert fake.shape == (2, 3, 16) and fake.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bad, error, fragment", [
+    (dict(x=torch.randn(3, 65)), ValueError, "last dimension must be 64"),
+    (dict(x=torch.randn(3, 64, dtype=torch.float64)), TypeError, "float16, bfloat16 or float32"),
+    (dict(bias=torch.randn(7)), ValueError, "pass a [16] bias"),
+    (dict(bias=torch.randn(16, dtype=torch.float16)), TypeError, "needs one dtype"),
+    (dict(x="x"), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input_one_clear_error(bad, error, fragment):
+    _, packed, state, _ = _problem(16, 64, 3, torch.float32, "cpu")
+    args = {"x": torch.randn(3, 64), "bias": None, **bad}
+    with pytest.raises(error, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        nf4_explorer.linear(args["x"], packed, state, args["bias"])
+
+
+def test_variant_of_the_other_family_is_refused():
+    x, packed, state, _ = _problem(16, 64, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="is a dequantize variant, not a linear one"):
+        nf4_explorer.linear(x, packed, state, variant="word_unpack")
+
+
+def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path):
+    """Tuned linear entries beside dequantize ones: the exact shape at the nearest M bucket, else the
+    nearest shape; the built-in default by M where nothing is tuned."""
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Fake GPU 9000")
+    monkeypatch.setattr(nf4_explorer._cache, "device_name", lambda device: "Fake GPU 9000")
+    directory = tmp_path / "tuned"
+    monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(directory))
+    _dispatch.reset()
+    tiled = nf4_explorer.get("linear_tiled").default_config(64)
+    gemv = nf4_explorer.get("linear_gemv").default_config(64)
+
+    def entry(m, variant, config):
+        return {"family": "linear", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "out_dtype": "bfloat16",
+                "size_bucket": tuning.size_bucket(32 * 128), "shape": [32, 128], "m_bucket": m, "variant": variant,
+                "config": config, "time_us": 1.0, "triton_version": tuning.triton_minor(),
+                "kernel_hash": tuning.kernel_hash(variant)}
+
+    directory.mkdir()
+    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({
+        "schema_version": 2, "entries": [entry(1, "linear_gemv", gemv), entry(64, "linear_tiled", tiled)]}))
+    x, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, "cpu")
+    choose = lambda m: nf4_explorer.explain_linear(torch.randn(m, 128, dtype=torch.bfloat16), packed, state)  # noqa: E731
+    assert (choose(1).variant, choose(1).reason) == ("linear_gemv", "tuned (exact)")
+    assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")  # bucket 64
+    assert (choose(300).variant, choose(300).reason) == ("linear_tiled", "tuned (nearest M bucket)")
+    _, other_packed, other_state, _ = _problem(64, 128, 1, torch.bfloat16, "cpu")
+    nearest = nf4_explorer.explain_linear(torch.randn(2, 128, dtype=torch.bfloat16), other_packed, other_state)
+    assert (nearest.variant, nearest.reason) == ("linear_gemv", "tuned (nearest shape)")
+    fp16 = nf4_explorer.explain_linear(torch.randn(2000, 64, dtype=torch.float16), *_problem(8, 64, 1, torch.float16, "cpu")[1:3])
+    assert (fp16.variant, fp16.reason) == ("linear_dequantize", "default")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay():
+    """Decoding runs under CUDA graphs: a captured call replays on new x in place."""
+    x, packed, state, bias = _problem(256, 512, 1, torch.bfloat16, "cuda", bias=True)
+    for name in LINEAR:
+        static_x = x.clone()
+        nf4_explorer.linear(static_x, packed, state, bias, variant=name)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = nf4_explorer.linear(static_x, packed, state, bias, variant=name)
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bit_equal(static_out, nf4_explorer.linear(new_x, packed, state, bias, variant=name), name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+def test_llm_shape_within_contract_on_gpu(m):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(1024, 4096, dtype=torch.bfloat16, device="cuda")
+    packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+    for name in LINEAR:
+        _check(name, nf4_explorer.get(name).default_config(64), x, packed, state, None)
+
+
+@pytest.mark.gpu
+def test_backward_equals_bitsandbytes_on_gpu():
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = torch.randn(512, 1024, dtype=torch.bfloat16, device="cuda")
+    packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(3, 9, 1024, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    grad = torch.randn(3, 9, 512, dtype=torch.bfloat16, device="cuda")
+    (ours,) = torch.autograd.grad(nf4_explorer.linear(x, packed, state), x, grad)
+    (theirs,) = torch.autograd.grad(bnb.matmul_4bit(x, packed.t(), quant_state=state), x, grad)
+    assert_bit_equal(ours, theirs, "input gradient")
