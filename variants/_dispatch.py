@@ -27,11 +27,13 @@ from ._linear import m_bucket, prepare_linear
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
 
 # Built-in defaults. dequantize: word_unpack, the H100 winner (32-bit word loads unpacked straight
-# into 16-byte stores). linear, by M: the GEMV where a tensor-core tile would be mostly padding, the
-# fused GEMM up to LINEAR_TILED_MAX_M, then dequantize + cuBLAS (docs/performance.md, session 5).
+# into 16-byte stores). linear: dequantize + cuBLAS, fastest of ours at every M on the H200 for the
+# 58.7 M-weight Llama shapes (session 5: 83 µs at M = 1, the fused GEMV 94-101 µs, the fused GEMM
+# slower still); the fused GEMV only for small weights at M <= 4, where it won (1024x4096 M = 1:
+# 20 µs against 48 µs; 4096x4096: 38 against 51). docs/performance.md, session 5.
 DEFAULT_VARIANT = "word_unpack"
-LINEAR_GEMV_MAX_M = 8
-LINEAR_TILED_MAX_M = 256
+LINEAR_GEMV_MAX_M = 4
+LINEAR_GEMV_MAX_WEIGHTS = 1 << 24
 LINEAR_FALLBACK = "linear_dequantize"  # takes every problem
 
 
@@ -115,8 +117,8 @@ def _choose_linear(args) -> Choice:
         return Choice(entry["variant"], dict(entry["config"]), "tuned (nearest shape)", source,
                       _tier(entry, f"tuned shape {entry['shape']} M bucket {entry['m_bucket']} for "
                                    f"[{args.n}, {args.k}] M = {args.m}"))
-    name = ("linear_gemv" if args.m <= LINEAR_GEMV_MAX_M else
-            "linear_tiled" if args.m <= LINEAR_TILED_MAX_M else LINEAR_FALLBACK)
+    small = args.m <= LINEAR_GEMV_MAX_M and args.n * args.k <= LINEAR_GEMV_MAX_WEIGHTS
+    name = "linear_gemv" if small else LINEAR_FALLBACK
     variant = _registry.get(name)
     return Choice(variant.name, variant.default_config(args.blocksize), "default")
 
