@@ -37,6 +37,34 @@ def test_every_config_compiles(name, target):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "gfx942"])
+def test_linear_variants_compile(target):
+    """Each fused linear kernel compiles ahead of time at its default config and its space's corners
+    (smallest and largest tiles) for bfloat16, float16 and float32 x; their whole spaces are hundreds
+    of configs each, which the tuner prunes on the card."""
+    code = f"""
+import json, nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, compile_config
+failures, tried = [], 0
+for name in nf4_explorer.names(family="linear"):
+    variant = nf4_explorer.get(name)
+    if variant.kernel is None:
+        continue
+    configs = variant.configs(64)
+    for config in (variant.default_config(64), configs[0], configs[-1]):
+        for dtype in ("bfloat16", "float16", "float32"):
+            tried += 1
+            try:
+                compile_config(name, config, TARGETS["{target}"], out_dtype=dtype)
+            except Exception as exc:
+                failures.append(f"{{name}} {{config}} {{dtype}}: {{type(exc).__name__}}: {{str(exc)[:300]}}")
+print(json.dumps({{"tried": tried, "failures": failures}}))
+"""
+    report = json.loads(_run(["-c", code]).strip().splitlines()[-1])
+    assert report["tried"] >= 18 and not report["failures"], "\n".join(report["failures"])
+
+
 CHECK_PTX = """
 import sys, nf4_explorer
 from nf4_explorer.tuner.aot import TARGETS, compile_config

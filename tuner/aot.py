@@ -27,12 +27,16 @@ _OUT_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
 
 def signature(kernel, out_dtype: str, double_quant: bool) -> dict:
-    """Triton signature of the shared kernel interface (see variants/_registry.py)."""
+    """Triton signature of a family's kernel interface (see nf4_explorer/_registry.py and _linear.py);
+    for the linear family ``out_dtype`` is x's dtype (x, bias and the output share it)."""
     types = {
         "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32", "code2_ptr": "*fp32",
         "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": _OUT_TYPES[out_dtype],
+        "x_ptr": _OUT_TYPES[out_dtype], "bias_ptr": _OUT_TYPES[out_dtype],
     }
-    return {name: types.get(name, "i32" if not name.isupper() else "constexpr") for name in kernel.arg_names}
+    sizes = {"n", "n_rows", "n_cols", "M", "N", "K"}  # the runtime integers; UPPER_SNAKE names are constexprs
+    return {name: types.get(name, "i32" if name in sizes or not name.isupper() else "constexpr")
+            for name in kernel.arg_names}
 
 
 def compile_config(
@@ -44,12 +48,17 @@ def compile_config(
     ``aligned`` marks every pointer and size divisible by 16, as Triton specializes them at run
     time for aligned tensors and sizes (this is what makes 16-byte accesses possible).
     """
-    kernel = nf4_explorer.get(name).kernel
+    variant = nf4_explorer.get(name)
+    kernel = variant.kernel
     sig = signature(kernel, out_dtype, double_quant)
     constexprs = {
         **problem_constexprs(blocksize, 256, quant_type, double_quant),
         **{k: v for k, v in config.items() if k not in LAUNCH_PARAMS},
     }
+    if variant.family == "linear":
+        import triton.language as tl
+
+        constexprs.update(HAS_BIAS=True, WEIGHT_DTYPE=getattr(tl, out_dtype), K_IN_BLOCKS=True)
     attrs = {}
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}
