@@ -4,7 +4,7 @@ Exactness rules (bitsandbytes 0.50, bit for bit):
 - the weight is ``table[nibble] * absmax`` in float32, then ONE cast to the output dtype;
 - a double-quantized absmax is ``code2[q] * absmax2[b // NESTED_BLOCKSIZE]`` rounded to float32,
   then ``+ offset`` rounded again. Every launch passes ``enable_fp_fusion=False`` (see
-  ``launch_options``) so the compiler cannot fuse that multiply and add into one FMA.
+  ``_launch.launch_options``) so the compiler cannot fuse that multiply and add into one FMA.
 """
 
 import triton
@@ -27,11 +27,6 @@ _N = [tl.constexpr(v) for v in NF4_TABLE]
 _F = [tl.constexpr(v) for v in FP4_TABLE[:8]]
 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14, N15 = _N
 F0, F1, F2, F3, F4, F5, F6, F7 = _F
-
-
-def launch_options() -> dict:
-    """Compile options every launch passes (see the module docstring)."""
-    return {"enable_fp_fusion": False}
 
 
 @triton.jit

@@ -26,10 +26,14 @@ try:
 except ImportError:  # Triton before 3.4 has no knobs: every launch takes Triton's own path
     knobs = None
 
-from ._decode import launch_options
-
 # Launch parameters that are not kernel arguments.
 LAUNCH_PARAMS = ("num_warps", "num_stages")
+
+
+def launch_options() -> dict:
+    """Compile options every launch passes: no fused multiply-add, so a double-quantized absmax is
+    ``code2[q] * absmax2`` and ``+ offset`` rounded separately, as bitsandbytes computes it."""
+    return {"enable_fp_fusion": False}
 
 
 @dataclasses.dataclass

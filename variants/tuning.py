@@ -9,10 +9,9 @@ from ._cache import (
     DTYPE_NAMES, SCHEMA_VERSION, device_name, entry_key, entry_problem, find_file, kernel_hash, load_entries,
     search_dirs, size_bucket, slug, triton_minor, user_config_dir, validate_document,
 )
-from ._decode import launch_options
 from ._dispatch import dequantize_eager, explain, explain_linear, linear_eager, reset
 from ._format import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, DequantArgs, interpreter_enabled, prepare, problem_constexprs
-from ._launch import LAUNCH_PARAMS, KernelArguments
+from ._launch import LAUNCH_PARAMS, KernelArguments, launch_options
 from ._linear import M_BUCKETS, LinearArgs, m_bucket, prepare_linear, reference_linear, tolerance
 
 __all__ = [
