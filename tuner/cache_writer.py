@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,31 +34,74 @@ def device_info(device: torch.device) -> dict:
     }
 
 
+class OutputRefused(ValueError):
+    """The tuned file's directory cannot take a write: said before any tuning."""
+
+
+def lock_path(path: Path) -> Path:
+    """The lock of a tuned file: in the temp directory, named by the file's absolute path, so no lock
+    file is left in the package or the user's config directory (concurrent tuners on one machine
+    share the temp directory)."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    directory = Path(tempfile.gettempdir()) / "nf4-explorer-locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{digest}.lock"
+
+
+def check_output(path: Path) -> None:
+    """Refuses, before any tuning, an output directory that cannot be created or written."""
+    directory = Path(path).parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputRefused(f"cannot create the output directory {directory} ({exc.strerror or exc}): pass "
+                            "--output DIR with a directory you can write") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputRefused(f"the output directory {directory} is not writable: pass --output DIR with a directory "
+                            "you can write")
+
+
 def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
-    """Adds ``new_entries`` to the file at ``path`` under ``path.lock`` and writes it atomically
-    (temp file + os.replace). Two tuners writing one file lose nothing. An entry replaces the one
+    """Adds ``new_entries`` to the file at ``path`` under a file lock and writes it atomically
+    (temp file + os.replace), keeping the file's mode (0644 for a new file). Two tuners writing one
+    file lose nothing. Nothing is destroyed: a file that cannot be read, parsed or whose schema is
+    unknown is renamed aside (``<file>.unreadable-<time>``) with a warning before a new one is
+    written, and malformed entries are kept verbatim under "malformed_entries", out of the merge. An entry replaces the one
     with the same problem key unless that one is still valid (current kernels and Triton) and
     faster: merges commute, so workers of one shared study end on its best trials whatever order
     they finish in. An old entry whose winner's kernel has changed since falls back to its fastest
     runner-up whose kernel has not (see :func:`runner_up`). Returns the written document."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=600):
-        doc = _read_or_empty(path)
-        old_hashes = doc.get("kernel_hashes", {})
-        by_key = {tuning.entry_key(e): runner_up(e, old_hashes) for e in doc["entries"]
-                  if isinstance(e, dict) and _has_key(e)}
+    check_output(path)
+    with FileLock(str(lock_path(path)), timeout=600):
+        doc, mode = _read_or_set_aside(path)
+        old_hashes = doc.get("kernel_hashes", {}) if isinstance(doc.get("kernel_hashes"), dict) else {}
+        malformed = list(doc.get("malformed_entries", [])) if isinstance(doc.get("malformed_entries"), list) else []
+        by_key = {}
+        for e in doc["entries"]:
+            problem = tuning.entry_malformed(e)
+            if problem is None:
+                by_key[tuning.entry_key(e)] = runner_up(e, old_hashes)
+            else:
+                malformed.append(e)
+                warnings.warn(f"nf4-explorer: {path}: an entry is malformed ({problem}); it is kept under "
+                              "\"malformed_entries\", out of the merge", RuntimeWarning, stacklevel=2)
         for entry in new_entries:
             key = tuning.entry_key(entry)
             old = by_key.get(key)
-            if old is None or tuning.entry_problem(old) is not None or entry["time_us"] <= old.get("time_us", float("inf")):
+            old_time = old.get("time_us") if old is not None else None
+            if (old is None or tuning.entry_problem(old) is not None or not isinstance(old_time, (int, float))
+                    or entry["time_us"] <= old_time):
                 by_key[key] = entry
         doc.update(header)
         doc["schema_version"] = tuning.SCHEMA_VERSION
         doc["kernel_hashes"] = {name: tuning.kernel_hash(name) for name in nf4_explorer.names(family=None)}
         doc["entries"] = sorted(by_key.values(), key=_sort_key)
+        if malformed:
+            doc["malformed_entries"] = malformed
         ordered = {"schema_version": doc.pop("schema_version"), **dict(sorted(doc.items()))}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "w") as f:
                 json.dump(ordered, f, indent=2, sort_keys=False)
                 f.write("\n")
@@ -76,9 +121,10 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     winner = entry.get("variant")
     if winner not in registered or entry.get("kernel_hash") == tuning.kernel_hash(winner):
         return entry
-    valid = {name: other for name, other in entry.get("others", {}).items()
-             if name in registered and old_hashes.get(name) == tuning.kernel_hash(name)
-             and "config" in other and "time_us" in other}
+    others = entry.get("others") if isinstance(entry.get("others"), dict) else {}
+    valid = {name: other for name, other in others.items()
+             if name in registered and old_hashes.get(name) == tuning.kernel_hash(name) and isinstance(other, dict)
+             and isinstance(other.get("config"), dict) and isinstance(other.get("time_us"), (int, float))}
     if not valid:
         return entry
     name = min(valid, key=lambda n: valid[n]["time_us"])
@@ -91,26 +137,35 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
             "kernel_hash": tuning.kernel_hash(name), "others": valid}
 
 
-def _has_key(entry: dict) -> bool:
-    fields = ("quant_type", "blocksize", "double_quant", "out_dtype", "shape")
-    return all(field in entry for field in fields) and (entry.get("family") != "linear" or "m_bucket" in entry)
-
-
 def _sort_key(entry: dict):
     return (entry.get("family", "dequantize"), entry["quant_type"], entry["blocksize"], not entry["double_quant"],
             entry["out_dtype"], entry["shape"], entry.get("m_bucket") or 0)
 
 
-def _read_or_empty(path: Path) -> dict:
-    """The current document, or a fresh one if the file is missing or unusable (a corrupt or
-    other-schema file is replaced, not merged)."""
+def _read_or_set_aside(path: Path) -> tuple[dict, int]:
+    """(the current document, the mode to write with). A missing file gives a fresh document and
+    0644 less the umask; one that cannot be read, parsed or whose schema is unknown is renamed aside
+    first (never replaced unseen)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return {"entries": []}, 0o644 & ~umask
+    except OSError:
+        mode = 0o644 & ~umask
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"entries": []}
-    if tuning.validate_document(doc):
-        return {"entries": []}
-    return doc
+        problems = tuning.validate_document(doc)
+    except (OSError, ValueError, RecursionError) as exc:
+        problems = [f"cannot be read ({exc})"]
+    if not problems:
+        return doc, mode
+    aside = path.with_name(f"{path.name}.unreadable-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
+    os.replace(path, aside)
+    warnings.warn(f"nf4-explorer: {path} {'; '.join(problems)}: it was renamed to {aside.name} (nothing in it is "
+                  "lost) and a new file is written", RuntimeWarning, stacklevel=3)
+    return {"entries": []}, mode
 
 
 def make_entry(problem, winner: dict, others: dict, *, driver: str, trials: int, copy_gbps: float | None) -> dict:

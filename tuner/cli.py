@@ -54,28 +54,70 @@ def _problem_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument("--quant-types", help="comma-separated: nf4,fp4")
 
 
+EXIT_FAILURE = 1  # the command ran and found a failure (a variant not exact, ...)
+EXIT_USAGE = 2  # the command could not run as asked: a bad option, file or value (one line, no traceback)
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A mistake in what was asked: printed as one line, exit code EXIT_USAGE."""
+
+
+def _items(option: str, text: str | None, convert=str) -> list | None:
+    """A comma-separated option's values, or None when it is not given; one line naming the option."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise UsageError(f"{option} {text!r} has an empty item: give comma-separated values")
+    try:
+        return [convert(item) for item in items]
+    except ValueError:
+        raise UsageError(f"{option}: {text!r} is not a comma-separated list of {convert.__name__}s") from None
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _problems(args, device, default_preset: str):
     from .problems import expand, load_presets, parse_shapes
 
-    presets = load_presets(args.shapes_file)
+    try:
+        presets = load_presets(args.shapes_file)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     name = args.preset or (default_preset if device is None or device.type == "cuda" else "tiny")
     if args.shapes_file and not args.preset:
         name = next(iter(presets))
     if name not in presets:
-        raise SystemExit(f"error: unknown preset {name!r}: choose one of {', '.join(presets)}")
+        raise UsageError(f"unknown preset {name!r}: choose one of {', '.join(presets)}")
+    if args.shapes is not None and not args.shapes.strip():
+        raise UsageError("--shapes is empty: give ROWSxCOLS shapes, e.g. --shapes 4096x14336,1024x4096")
     try:
         overrides = {
             "shapes": parse_shapes(args.shapes) if args.shapes else None,
-            "dtypes": args.dtypes.split(",") if args.dtypes else None,
-            "blocksizes": [int(b) for b in args.blocksizes.split(",")] if args.blocksizes else None,
+            "dtypes": _items("--dtypes", args.dtypes),
+            "blocksizes": _items("--blocksizes", args.blocksizes, int),
             "double_quant": {"on": [True], "off": [False], "both": [True, False]}.get(args.double_quant),
-            "quant_types": args.quant_types.split(",") if args.quant_types else None,
+            "quant_types": _items("--quant-types", args.quant_types),
         }
         if overrides["shapes"]:
             overrides["models"] = {}
         return expand(presets[name], **overrides)
+    except UsageError:
+        raise
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise UsageError(str(exc)) from None
 
 
 def cmd_check(args) -> int:
@@ -89,7 +131,7 @@ def cmd_check(args) -> int:
     device = _device()
     if device is None:
         console.print(f"[red]error:[/red] {_no_device_message()}")
-        return 2
+        return EXIT_USAGE
     on_gpu = device.type == "cuda"
     if on_gpu:
         problems = [Problem((4096, 4096), "bfloat16", 64, True, "nf4"), Problem((1023, 4097), "float16", 128, False, "fp4")]
@@ -138,7 +180,7 @@ def cmd_tune(args) -> int:
     device = _device()
     if device is None:
         console.print(f"[red]error:[/red] {_no_device_message()}")
-        return 2
+        return EXIT_USAGE
     if device.type == "cpu":
         console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
                       "nothing.[/yellow]")
@@ -151,19 +193,19 @@ def cmd_tune(args) -> int:
             problems = linear_problems(problems, buckets)
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")
-            return 2
+            return EXIT_USAGE
     names = args.variants.split(",") if args.variants else nf4_explorer.names(device, family=args.family)
     for name in names:
         if name in nf4_explorer.names(family=None) and nf4_explorer.get(name).family != args.family:
             console.print(f"[red]error:[/red] {name} is a {nf4_explorer.get(name).family} variant; tuning the "
                           f"{args.family} family takes {', '.join(nf4_explorer.names(family=args.family))}")
-            return 2
+            return EXIT_USAGE
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
                              storage=args.storage, output_dir=args.output, seed=args.seed, device=device)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        return 2
+        return EXIT_USAGE
     table = Table(title=f"tuned {len(entries)} of {len(problems)} problems ({args.driver}) -> {path}")
     for column in ("problem", "winner", "config", "µs", "GB/s", "% copy"):
         table.add_column(column)
@@ -204,7 +246,7 @@ def cmd_bench(args) -> int:
     if device is None or device.type != "cuda":
         console.print("[red]error:[/red] bench times kernels on a CUDA GPU; none found here "
                       "(the interpreter's times mean nothing). Run `nf4-explorer check` instead.")
-        return 2
+        return EXIT_USAGE
     if args.linear:
         return _bench_linear(args, device)
     if args.preset or args.shapes or args.shapes_file:
@@ -256,7 +298,7 @@ def _bench_linear(args, device) -> int:
         problems = linear_problems(problems, buckets)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        return 2
+        return EXIT_USAGE
     copy_gbps, rows = linear_bench(problems, device=device)
     providers = list(rows[0].times)
     table = Table(title=f"linear, µs | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s | "
@@ -311,8 +353,9 @@ def main(argv=None) -> int:
     tune.add_argument("--variants", help="comma-separated variants of the family (default: all registered)")
     tune.add_argument("--driver", choices=["optuna", "exhaustive"], default="optuna",
                       help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: triton.autotune over the whole space")
-    tune.add_argument("--trials", type=int, default=16, help="Optuna trials per variant and problem (default 16)")
-    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    tune.add_argument("--trials", type=_positive(int), default=16,
+                      help="Optuna trials per variant and problem (default 16)")
+    tune.add_argument("--timeout", type=_positive(float), help="stop starting new trials after this many seconds")
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite in the user cache dir); share one "
                       "database between workers, e.g. postgresql://user@host/db")
     tune.add_argument("--output", help="directory for the tuned file (default: the user config dir; "
@@ -335,8 +378,27 @@ def main(argv=None) -> int:
     bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")
     bench.set_defaults(func=cmd_bench)
 
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        console.print(f"interrupted: {_resume_hint(args)}")
+        return EXIT_INTERRUPTED
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return EXIT_USAGE
+
+
+def _resume_hint(args) -> str:
+    if args.command == "tune":
+        return ("every finished problem is saved in the tuned file and every finished trial in the Optuna storage; "
+                "run the same command again to resume")
+    return "nothing was written"
 
 
 if __name__ == "__main__":

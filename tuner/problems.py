@@ -117,15 +117,38 @@ def linear_problems(problems: list[Problem], m_buckets=None) -> list[LinearProbl
     return out
 
 
+PRESET_KEYS = ("shapes", "models", "dtypes", "blocksizes", "double_quant", "quant_types")
+
+
 def load_presets(path: str | Path | None = None) -> dict:
-    """The presets in ``path`` (a YAML file), or the package's presets.yaml."""
+    """The presets in ``path`` (a YAML file), or the package's presets.yaml. Raises ValueError with
+    one line naming the file and the problem (missing, a directory, not YAML, not a mapping of
+    presets); each preset's fields are checked by :func:`expand`."""
     if path is None:
-        text = importlib.resources.files("nf4_explorer.tuner").joinpath("presets.yaml").read_text()
+        text, where = importlib.resources.files("nf4_explorer.tuner").joinpath("presets.yaml").read_text(), "presets.yaml"
     else:
-        text = Path(path).read_text()
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path or 'presets.yaml'}: expected a mapping of preset names to problem sets")
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ValueError(f"--shapes-file {where}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"--shapes-file {where} is a directory: pass a YAML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--shapes-file {where} cannot be read ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{where}: expected a mapping of preset names to problem sets (see tuner/presets.yaml), "
+                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
+    for name, spec in data.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: preset {name!r} must be a mapping with {', '.join(PRESET_KEYS)}")
+        unknown = sorted(set(spec) - set(PRESET_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: preset {name!r} has unknown keys {unknown}: use {', '.join(PRESET_KEYS)}")
     return data
 
 
@@ -143,33 +166,56 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape(value, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(d) and d > 0 for d in value):
+        raise ValueError(f"{where}: bad shape {value!r}: write [ROWS, COLS] with positive integers, e.g. [4096, 14336]")
+    return tuple(value)
+
+
+def _list_of(spec: dict, key: str, default: list, valid, expected: str) -> list:
+    values = spec.get(key, default)
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{key} must be a non-empty list, got {values!r}: e.g. {key}: {default}".replace("True", "true"))
+    for value in values:
+        if not valid(value):
+            raise ValueError(f"{key}: {value!r} is not {expected}")
+    return values
+
+
 def _shapes_of(spec: dict) -> list[tuple[int, ...]]:
-    shapes = [tuple(s) for s in spec.get("shapes", [])]
-    for model_shapes in (spec.get("models") or {}).values():
-        shapes += [tuple(s) for s in model_shapes]
-    return list(dict.fromkeys(shapes))  # unique, in order
+    shapes = spec.get("shapes", [])
+    if not isinstance(shapes, list):
+        raise ValueError(f"shapes must be a list of [ROWS, COLS], got {shapes!r}")
+    result = [_shape(s, "shapes") for s in shapes]
+    models = spec.get("models") or {}
+    if not isinstance(models, dict):
+        raise ValueError(f"models must map model names to lists of shapes, got {models!r}")
+    for model, model_shapes in models.items():
+        if not isinstance(model_shapes, list):
+            raise ValueError(f"models.{model} must be a list of [ROWS, COLS], got {model_shapes!r}")
+        result += [_shape(s, f"models.{model}") for s in model_shapes]
+    return list(dict.fromkeys(result))  # unique, in order
 
 
 def expand(spec: dict, **overrides) -> list[Problem]:
-    """Every problem of a preset spec, with command-line overrides (None = keep the preset's)."""
+    """Every problem of a preset spec, with command-line overrides (None = keep the preset's). Raises
+    ValueError naming the field, the value and what it must be (YAML's "off" is a string, not false)."""
     spec = {**spec, **{k: v for k, v in overrides.items() if v is not None}}
     shapes = _shapes_of(spec)
     if not shapes:
         raise ValueError("the problem set has no shapes: give --shapes or a preset with shapes")
-    for dtype in spec.get("dtypes", ["bfloat16"]):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
-    for blocksize in spec.get("blocksizes", [64]):
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"unsupported blocksize {blocksize}: use one of {BLOCKSIZES}")
-    for quant_type in spec.get("quant_types", ["nf4"]):
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"unsupported quant type {quant_type!r}: use one of {QUANT_TYPES}")
+    dtypes = _list_of(spec, "dtypes", ["bfloat16"], lambda v: isinstance(v, str) and v in DTYPES,
+                      "bfloat16 or float16 or float32")
+    blocksizes = _list_of(spec, "blocksizes", [64], lambda v: _is_int(v) and v in BLOCKSIZES,
+                          f"one of {', '.join(map(str, BLOCKSIZES))}")
+    double_quant = _list_of(spec, "double_quant", [True], lambda v: isinstance(v, bool), "true or false")
+    quant_types = _list_of(spec, "quant_types", ["nf4"], lambda v: v in QUANT_TYPES, "nf4 or fp4")
     problems = [
         Problem(shape, DTYPE_NAMES[DTYPES[dtype]], int(bs), bool(dq), qt)
-        for shape, dtype, bs, dq, qt in itertools.product(
-            shapes, spec.get("dtypes", ["bfloat16"]), spec.get("blocksizes", [64]),
-            spec.get("double_quant", [True]), spec.get("quant_types", ["nf4"]),
-        )
+        for shape, dtype, bs, dq, qt in itertools.product(shapes, dtypes, blocksizes, double_quant, quant_types)
     ]
     return list(dict.fromkeys(problems))

@@ -136,6 +136,52 @@ def default_storage() -> str:
 _STORAGES: dict[str, object] = {}
 
 
+class StorageRefused(ValueError):
+    """An Optuna storage URL that cannot serve: said in one line, before any tuning."""
+
+
+def check_storage(url: str, timeout_s: int = 5) -> None:
+    """Refuses, within ``timeout_s`` seconds, a storage URL that cannot work: not a URL, an unknown
+    database, a driver that is not installed, a database that does not answer, or an SQLite
+    database in memory (nothing would resume)."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageRefused(f"--storage {url!r} is not a database URL: use e.g. sqlite:////path/to/optuna.db or "
+                             "postgresql+psycopg2://user@host/db") from None
+    try:
+        parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise StorageRefused(f"--storage {url!r}: unknown database {parsed.drivername!r}: use sqlite, postgresql, "
+                             "mysql or another SQLAlchemy database") from None
+    except ImportError as exc:
+        raise StorageRefused(f"--storage {url!r}: its driver is not installed ({exc}): pip install it, or use "
+                             "sqlite:////path/to/optuna.db") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise StorageRefused(f"--storage {url!r} is an SQLite database in memory: nothing would resume; use "
+                                 "sqlite:////path/to/optuna.db")
+        directory = Path(parsed.database).expanduser().resolve().parent
+        if not directory.is_dir():
+            raise StorageRefused(f"--storage {url!r}: the directory {directory} does not exist: create it first")
+        return
+    connect_args = {"connect_timeout": timeout_s} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as exc:
+        raise StorageRefused(f"--storage {url!r}: its driver is not installed ({exc}): pip install it") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
+        raise StorageRefused(f"--storage {url!r}: the database does not answer ({reason}): check the host, the "
+                             "credentials and that the server runs") from None
+
+
 def open_storage(url: str):
     """Optuna RDB storage for ``url``, opened once per process. Several workers starting together
     on one fresh database race to create Optuna's tables (a duplicate-type error on PostgreSQL):
@@ -282,8 +328,11 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
             raise ValueError(reason)
     device_slug = tuning.slug(tuning.device_name(device))
     storage = storage or default_storage()
+    if driver == "optuna":
+        check_storage(storage)
     output_dir = Path(output_dir) if output_dir else tuning.search_dirs()[0][1]
     path = output_dir / f"{device_slug}.json"
+    cache_writer.check_output(path)
     deadline = time.time() + timeout if timeout else None
     copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     def budget(name: str, problem: Problem) -> int:

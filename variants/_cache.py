@@ -84,11 +84,18 @@ def search_dirs() -> list[tuple[str, Path]]:
 
 
 def find_file(name: str) -> Path | None:
-    """The tuned file for device ``name``, from the first directory of :func:`search_dirs` that has one."""
+    """The tuned file for device ``name``, from the first directory of :func:`search_dirs` that has
+    one. Something else where the file should be (a directory, a dangling or looping symlink, a
+    directory it may not look into) is passed over with one warning."""
     for _, directory in search_dirs():
         path = directory / f"{slug(name)}.json"
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+            if path.is_symlink() or path.exists():
+                _warn(path, "is not a regular file (a directory, or a dangling or looping symlink): it is not read")
+        except OSError as exc:  # a directory of mode 000, a symlink loop
+            _warn(path, f"cannot be looked at ({exc.strerror or exc})")
     return None
 
 
@@ -131,12 +138,49 @@ def validate_document(doc: Any) -> list[str]:
     return problems
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def entry_malformed(entry: Any) -> str | None:
+    """What is wrong with an entry's fields and their types (None when they are well formed)."""
+    from ._format import BLOCKSIZES, QUANT_TYPES
+
+    if not isinstance(entry, dict):
+        return "not an object"
+    missing = [f for f in ENTRY_FIELDS if f not in entry]
+    if missing:
+        return f"no {', '.join(missing)}"
+    checks = (
+        ("quant_type", entry["quant_type"] in QUANT_TYPES, f"one of {QUANT_TYPES}"),
+        ("blocksize", _is_int(entry["blocksize"]) and entry["blocksize"] in BLOCKSIZES, f"one of {BLOCKSIZES}"),
+        ("double_quant", isinstance(entry["double_quant"], bool), "true or false"),
+        ("out_dtype", entry["out_dtype"] in DTYPE_NAMES.values(), f"one of {sorted(DTYPE_NAMES.values())}"),
+        ("size_bucket", _is_int(entry["size_bucket"]) and entry["size_bucket"] >= 0, "a non-negative integer"),
+        ("shape", isinstance(entry["shape"], list) and all(_is_int(d) and d > 0 for d in entry["shape"]),
+         "a list of positive integers"),
+        ("variant", isinstance(entry["variant"], str), "a variant's name"),
+        ("config", isinstance(entry["config"], dict), "an object of parameters"),
+        ("family", entry.get("family", "dequantize") in ("dequantize", "linear"), "dequantize or linear"),
+    )
+    for field, ok, expected in checks:
+        if not ok:
+            return f"{field} is {entry[field]!r}, expected {expected}"
+    if entry.get("family") == "linear":
+        if not (_is_int(entry.get("m_bucket")) and entry["m_bucket"] > 0):
+            return f"m_bucket is {entry.get('m_bucket')!r}, expected a positive integer"
+        if len(entry["shape"]) != 2:
+            return f"shape is {entry['shape']!r}, expected [N, K]"
+    return None
+
+
 def entry_problem(entry: Any) -> str | None:
     """Why one entry cannot be used (None when it can): malformed, stale Triton, or stale kernel."""
     from . import _registry
 
-    if not isinstance(entry, dict) or any(f not in entry for f in ENTRY_FIELDS):
-        return "malformed entry"
+    malformed = entry_malformed(entry)
+    if malformed is not None:
+        return f"malformed entry ({malformed})"
     if entry["variant"] not in _registry.names(family=entry_family(entry)):
         return f"unknown variant {entry['variant']!r}"
     # An entry tuned with another Triton keeps serving while its kernel is unchanged (the choice says
@@ -162,6 +206,9 @@ def load_entries(name: str) -> tuple[Path | None, list[dict]]:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         _warn(path, f"cannot be read ({exc})")
+        return path, []
+    except RecursionError:
+        _warn(path, "cannot be read (nested too deeply to be a tuned file)")
         return path, []
     problems = validate_document(doc)
     if problems:

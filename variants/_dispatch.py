@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -175,6 +176,25 @@ def _decide(args, family: str) -> tuple[Choice, "_registry.Variant"]:
     return choice, chosen
 
 
+def _run(args, family: str, choice: Choice, chosen: "_registry.Variant") -> None:
+    """Launches the choice. A tuned entry that fails under this software (it does not compile or
+    launch, e.g. after a Triton upgrade) is dropped with one warning and the call goes on with the
+    built-in default: a tuned file never breaks a call."""
+    try:
+        chosen.launch(args, choice.config)
+    except Exception as exc:
+        if not choice.reason.startswith("tuned"):
+            raise
+        fallback = _registry.get(LINEAR_FALLBACK if family == "linear" else DEFAULT_VARIANT)
+        default = Choice(fallback.name, fallback.default_config(args.blocksize), "default",
+                         detail=f"tuned {choice.variant} failed here: {type(exc).__name__}")
+        _memo[_problem_key(args, family)] = (default, fallback)
+        warnings.warn(f"nf4-explorer: the tuned {choice.variant} {dict(choice.config)} from {choice.source} failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); using the "
+                      f"built-in default for this problem. Re-run `nf4-explorer tune`.", RuntimeWarning, stacklevel=3)
+        fallback.launch(args, default.config)
+
+
 def _family_variant(name: str, family: str) -> "_registry.Variant":
     variant = _registry.get(name)
     if variant.family != family:
@@ -187,8 +207,7 @@ def dequantize_eager(packed: torch.Tensor, state: Any, *, out: torch.Tensor | No
                      variant: str | None = None, config: Mapping | None = None) -> torch.Tensor:
     """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract)."""
     args = prepare(packed, state, out)
-    choice, chosen = _resolve(args, "dequantize", variant, config)
-    chosen.launch(args, choice.config)
+    _run(args, "dequantize", *_resolve(args, "dequantize", variant, config))
     return args.out
 
 
@@ -198,8 +217,7 @@ def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.
     args = prepare_linear(x, packed, state, bias)
     if args.m == 0:
         return x.new_empty((*x.shape[:-1], args.n))
-    choice, chosen = _resolve(args, "linear", variant, config)
-    chosen.launch(args, choice.config)
+    _run(args, "linear", *_resolve(args, "linear", variant, config))
     return args.result()
 
 

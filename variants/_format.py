@@ -166,8 +166,50 @@ def _as_state_fields(state: Any) -> tuple:
     if state2 is None and getattr(state, "nested", False):
         raise ValueError("state.nested is True but state.state2 is None: the double-quant state is incomplete")
     if type(shape) is not torch.Size:
+        if not isinstance(shape, (tuple, list)) or not all(_is_int(d) for d in shape):
+            raise TypeError(f"state.shape must be a torch.Size or a sequence of ints, got {shape!r}: pass the "
+                            "weight's shape, e.g. torch.Size([4096, 4096])")
         shape = torch.Size(shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"state.shape {tuple(shape)} has a negative dimension: pass the weight's shape")
+    if not _is_int(blocksize):
+        raise TypeError(f"state.blocksize must be an int, got {blocksize!r}: use one of {BLOCKSIZES}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"state.dtype must be a torch.dtype, got {dtype!r}: e.g. torch.bfloat16")
+    if not isinstance(quant_type, str):
+        raise TypeError(f"state.quant_type must be a string, got {quant_type!r}: use one of {QUANT_TYPES}")
+    if state2 is not None:
+        for field in ("absmax", "code", "blocksize"):
+            value = getattr(state2, field, None)
+            if value is None:
+                raise TypeError(f"state.state2.{field} is missing or None: a double-quantized state needs the nested "
+                                "absmax, its 256-entry code and its blocksize (bitsandbytes' QuantState has them)")
+        for field in ("absmax", "code"):
+            if not isinstance(getattr(state2, field), torch.Tensor):
+                raise TypeError(f"state.state2.{field} must be a torch.Tensor, got {type(getattr(state2, field)).__name__}")
+        if not _is_int(state2.blocksize):
+            raise TypeError(f"state.state2.blocksize must be an int, got {state2.blocksize!r}")
     return absmax, shape, dtype, int(blocksize), quant_type, state2
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def overlapping(out: torch.Tensor, inputs: dict) -> str | None:
+    """The name of the first of ``inputs`` whose memory overlaps ``out``'s, or None."""
+    out_start, out_end = _byte_range(out)
+    for name, t in inputs.items():
+        if t is not None and t.numel():
+            start, end = _byte_range(t)
+            if start < out_end and out_start < end:
+                return name
+    return None
 
 
 def nested_tensors(state: Any, device: torch.device) -> tuple:
@@ -211,6 +253,11 @@ def prepare(
     """
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}: allocate it with torch.empty")
+    if packed.device.type == "meta":
+        raise ValueError("packed is a meta tensor (no data): dequantize real tensors, or trace shapes with "
+                         "torch.compile / FakeTensorMode, which use the custom op's fake implementation")
     absmax, shape, dtype, blocksize, quant_type, state2 = _as_state_fields(state)
     if packed.dtype != torch.uint8:
         raise TypeError(
@@ -283,6 +330,13 @@ def prepare(
             raise ValueError(f"out has shape {tuple(out.shape)} but the state says {tuple(shape)}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous (the kernels write it flat): pass a contiguous tensor")
+        # Programs read the inputs while others write out: an out that shares memory with an input
+        # would be read after being overwritten (a wrong result, no error). Refused instead.
+        clash = overlapping(out, {"packed": packed, "state.absmax": absmax, "state.state2.code": code2,
+                                  "state.state2.absmax": absmax2, "state.offset": offset})
+        if clash is not None:
+            raise ValueError(f"out overlaps {clash} in memory: the kernels would read what they already overwrote; "
+                             "pass an out of its own (or none)")
     packed = _contiguous(packed)
     if packed.data_ptr() % 16:
         # Kernels read packed bytes as aligned 32-bit words and vectors; an unaligned view (a

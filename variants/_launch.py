@@ -100,12 +100,25 @@ def launch(kernel, grid: Callable[[Mapping], tuple], arguments: KernelArguments,
     constexprs = dict(arguments.constexprs)
     constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
     program_grid = grid(config)
+    check_grid(program_grid, name)
     compiled = kernel[program_grid](
         *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
         **constexprs, **launch_options(),
     )
     if key is not None and _FAST_LAUNCH_OK[0]:
         _remember(key, compiled, program_grid, len(runtime), constexprs, kernel.arg_names, device_index)
+
+
+# CUDA's grid limits (HIP's are no smaller): 2^31 - 1 programs on the first axis, 65535 on the others.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple, name: str) -> None:
+    """Raises ValueError if ``grid`` exceeds a launch's limits (a forced config on a huge weight)."""
+    for axis, (programs, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if programs > limit:
+            raise ValueError(f"variant {name!r} would launch {programs} programs on grid axis {axis} (the limit is "
+                             f"{limit}) for this problem: pick a config with larger blocks, or another variant")
 
 
 def _no_hook(hook) -> bool:

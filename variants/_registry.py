@@ -96,7 +96,10 @@ class Variant:
         return self.configs(blocksize)[0]
 
     def check_config(self, config: Mapping, blocksize: int) -> None:
-        """Raises ValueError naming the problem if ``config`` is not a valid config of this variant."""
+        """Raises ValueError naming the problem if ``config`` is not a valid config of this variant
+        (launch parameters included: num_warps and num_stages must be values of the space)."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config for variant {self.name!r} must be a dict, got {type(config).__name__}")
         unknown = set(config) - set(self.space)
         missing = set(self.space) - set(config)
         if unknown or missing:
@@ -105,8 +108,12 @@ class Variant:
                 f"its parameters are {list(self.space)}"
             )
         for key, value in config.items():
-            if key not in LAUNCH_PARAMS and value not in self.space[key]:
-                raise ValueError(f"{self.name}: {key}={value!r} is outside the search space {list(self.space[key])}")
+            allowed = list(self.space[key])
+            # 512.0 == 512 and True == 1 in Python: the value must also be of its space's type.
+            if not any(value == v and type(value) is type(v) for v in allowed):
+                raise ValueError(f"{self.name}: {key}={value!r} is outside the search space {allowed}"
+                                 + (f" (a {type(value).__name__}; the space holds {type(allowed[0]).__name__}s)"
+                                    if any(value == v for v in allowed) else ""))
         if not self.allowed(dict(config), blocksize):
             raise ValueError(f"{self.name}: config {dict(config)} is not valid for blocksize {blocksize}")
 
