@@ -124,3 +124,37 @@ def test_ctrl_c_during_a_tune_says_how_to_resume(config_dir, capsys, monkeypatch
     assert cli.main(["tune", "--preset", "tiny", "--trials", "1"]) == cli.EXIT_INTERRUPTED
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[-1].startswith("interrupted:") and "run the same command again to resume" in " ".join(lines)
+
+
+def test_show_fits_80_columns_and_plots_every_gpu(tmp_path, capsys, monkeypatch):
+    """The shipped files (two GPUs): one line per problem within 80 columns; --plot draws a panel each."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from nf4_explorer.tuner import show
+
+    monkeypatch.delenv("NF4_EXPLORER_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "empty"))
+    files = show.tuned_files("all")
+    assert {f.stem for f in files} >= {"nvidia-h200", "nvidia-h100-80gb-hbm3"}
+    for path in files:
+        buffer = io.StringIO()
+        show.render(Path(path), Console(file=buffer, width=80))
+        lines = buffer.getvalue().splitlines()
+        assert max(map(len, lines)) <= 80 and len(lines) == len(show.read(path)[0]["entries"]) + 5
+    assert cli.main(["show", "--gpu", "all", "--plot", str(tmp_path / "all.png")]) == 0
+    assert "2 panels" in capsys.readouterr().out and (tmp_path / "all.png").stat().st_size > 1000
+    assert cli.main(["show", "--gpu", "all", "--plot", "/nonexistent/x.png"]) == cli.EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_shipped_tunings_are_in_use():
+    """Every shipped entry is usable with this install (whatever Triton pip picked)."""
+    from nf4_explorer.tuner import show
+
+    for path in show.tuned_files("all"):
+        if path.parent.name == "tuned_configs":
+            statuses = [row["status"] for row in show.rows(show.read(path)[0])]
+            assert all(s.startswith("ok") for s in statuses), (path.name, [s for s in statuses if not s.startswith("ok")])

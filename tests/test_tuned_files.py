@@ -167,3 +167,27 @@ def test_killed_tune_leaves_a_valid_file_and_resumes(tmp_path):
     assert subprocess.run(command, env=env, capture_output=True, timeout=600).returncode == 0
     shapes = sorted(tuple(e["shape"]) for e in json.loads(path.read_text())["entries"])
     assert shapes == [(4, 96), (8, 64), (16, 64)]
+
+
+def _header_file(directory, slug, name, capability, sm_count):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{slug}.json").write_text(json.dumps({
+        "schema_version": 2, "device_name": name, "compute_capability": capability, "sm_count": sm_count,
+        "entries": [_entry()]}))
+
+
+def test_a_gpu_without_a_file_uses_the_nearest_card(config_dir, monkeypatch):
+    """Same vendor, then the same architecture family, then compute capability, then SM count;
+    the choice says which card's file it came from."""
+    _header_file(config_dir, "nvidia-a100", "NVIDIA A100-SXM4-80GB", [8, 0], 108)
+    _header_file(config_dir, "nvidia-h200", "NVIDIA H200", [9, 0], 132)
+    _header_file(config_dir, "amd-instinct-mi300x", "AMD Instinct MI300X", [9, 4], 304)
+    path, card = _cache.nearest_file("NVIDIA H100 NVL", (9, 0), 132)
+    assert card == "NVIDIA H200" and path.name == "nvidia-h200.json"
+    assert _cache.nearest_file("NVIDIA A10G", (8, 6), 80)[1] == "NVIDIA A100-SXM4-80GB"
+    assert _cache.nearest_file("AMD Instinct MI250X", (9, 0), 110)[1] == "AMD Instinct MI300X"
+    monkeypatch.setattr(_cache, "device_name", lambda device: "NVIDIA H100 NVL")
+    monkeypatch.setattr(_cache, "device_properties", lambda device: ((9, 0), 132))
+    packed, state = TINY.make_inputs("cuda" if torch.cuda.is_available() else "cpu")
+    choice = nf4_explorer.explain(packed, state)
+    assert choice.reason == "tuned (exact)" and "nearest card with a tuned file: NVIDIA H200" in choice.source

@@ -258,10 +258,18 @@ def test_cli_tune_show_check(config_dir, capsys, tmp_path, wide_console):
     assert cli.main(["tune", "--preset", "tiny", "--shapes", "4x64", "--trials", "2", "--variants", "where_gather"]) == 0
     assert cli.main(["show", "--gpu", "all", "--plot", str(tmp_path / "show.png")]) == 0
     output = capsys.readouterr().out
-    assert "where_gather" in output and "4x64 nf4 bs64 dq bfloat16" in output
+    assert "where_gather" in output and "4x64 nf4/64 bf16" in output
+    assert cli.main(["show", "--gpu", "all", "--wide"]) == 0
+    assert "4x64 nf4 bs64 dq bfloat16" in capsys.readouterr().out
+    assert cli.main(["show", "--gpu", "all", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["entries"][0]["variant"] == "where_gather" and listed["entries"][0]["status"] == "ok"
     assert (tmp_path / "show.png").stat().st_size > 1000
     assert cli.main(["check"]) == 0
     assert "all variants exact" in capsys.readouterr().out
+    assert cli.main(["check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["failures"] == 0 and {r["variant"] for r in report["results"]} >= set(nf4_explorer.names("cpu"))
 
 
 def test_cli_tune_refuses_a_variant_this_device_cannot_run(config_dir, capsys, wide_console, device):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -121,56 +123,93 @@ def _problems(args, device, default_preset: str):
 
 
 def cmd_check(args) -> int:
-    """Every variant dequantizes bitsandbytes-format weights here; exactness and time per variant."""
+    """Every variant of both families on bitsandbytes-format weights here: dequantize exact (and equal to
+    bitsandbytes' when it is installed), linear within its tolerance; what was skipped and why."""
     import torch
 
     import nf4_explorer
-    from .problems import Problem
+    from nf4_explorer import tuning
+    from .problems import LinearProblem, Problem
     from .timing import median_us
 
     device = _device()
     if device is None:
-        console.print(f"[red]error:[/red] {_no_device_message()}")
-        return EXIT_USAGE
+        raise UsageError(_no_device_message())
     on_gpu = device.type == "cuda"
     if on_gpu:
         problems = [Problem((4096, 4096), "bfloat16", 64, True, "nf4"), Problem((1023, 4097), "float16", 128, False, "fp4")]
-        console.print(f"Checking on {torch.cuda.get_device_name(device)}")
+        linear = [LinearProblem((4096, 4096), 1), LinearProblem((4096, 4096), 64, "float16", 128, False, "fp4")]
+        _say(args, f"Checking on {torch.cuda.get_device_name(device)}")
     else:
         problems = [Problem((8, 64), "bfloat16", 64, True, "nf4"), Problem((5, 33), "float16", 32, False, "fp4")]
-        console.print("[yellow]No GPU: running in Triton's interpreter on the CPU, tiny shapes; times are "
-                      "interpreter times, not kernel times.[/yellow]")
+        linear = [LinearProblem((16, 64), 3), LinearProblem((8, 128), 2, "float16", 32, False, "fp4")]
+        _say(args, "[yellow]No GPU: running in Triton's interpreter on the CPU, tiny shapes; times are "
+                   "interpreter times, not kernel times.[/yellow]")
     try:
         import bitsandbytes.functional as bnb
-    except Exception:
-        bnb = None
-    table = Table(title="nf4-explorer check: every variant at its default config vs the reference")
-    for column in ("problem", "variant", "exact", "vs bitsandbytes", "time"):
-        table.add_column(column)
-    failures = 0
+    except Exception as exc:  # not installed, or no library for this platform
+        bnb, bnb_reason = None, f"bitsandbytes not usable here ({type(exc).__name__})"
+    results, skipped = [], []
+    for name in nf4_explorer.names(family=None):
+        reason = nf4_explorer.get(name).unavailable_reason(device)
+        if reason is not None:
+            skipped.append({"variant": name, "reason": reason})
+    if bnb is None:
+        skipped.append({"variant": "vs bitsandbytes", "reason": bnb_reason})
+
+    def timed(call):
+        start = time.perf_counter()
+        call()
+        if on_gpu:
+            torch.cuda.synchronize()
+            return f"{median_us(call):.1f} µs"
+        return f"{(time.perf_counter() - start) * 1e3:.0f} ms (interpreter)"
+
     for problem in problems:
         packed, state = problem.make_inputs(device)
         reference = nf4_explorer.reference_dequantize(packed, state)
-        bnb_out = bnb.dequantize_4bit(packed, state) if (bnb is not None and on_gpu) else None
+        bnb_out = bnb.dequantize_4bit(packed, state) if bnb is not None else None
         for name in nf4_explorer.names(device):
             out = torch.full(problem.shape, float("nan"), dtype=problem.torch_dtype, device=device)
-            start = time.perf_counter()
-            nf4_explorer.dequantize(packed, state, out=out, variant=name)
-            if on_gpu:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            exact = torch.equal(out, reference)
-            failures += not exact
-            if on_gpu:
-                when = f"{median_us(lambda: nf4_explorer.dequantize(packed, state, out=out, variant=name)):.1f} µs"
-            else:
-                when = f"{elapsed * 1e3:.0f} ms (interpreter)"
-            vs_bnb = "-" if bnb_out is None else ("[green]equal[/green]" if torch.equal(out, bnb_out) else "[red]DIFFERENT[/red]")
-            failures += bnb_out is not None and not torch.equal(out, bnb_out)
-            table.add_row(problem.label(), name, "[green]pass[/green]" if exact else "[red]FAIL[/red]", vs_bnb, when)
+            when = timed(lambda: nf4_explorer.dequantize(packed, state, out=out, variant=name))
+            results.append({"problem": problem.label(), "variant": name, "ok": torch.equal(out, reference),
+                            "vs_bitsandbytes": None if bnb_out is None else torch.equal(out, bnb_out), "time": when})
+    for problem in linear:
+        x, packed, state = problem.make_inputs(device)
+        reference = tuning.reference_linear(x, packed, state)
+        bound = tuning.tolerance(x, packed, state, reference=reference)
+        for name in nf4_explorer.names(device, family="linear"):
+            refusal = nf4_explorer.get(name).accepts(tuning.prepare_linear(x, packed, state))
+            if refusal is not None:
+                skipped.append({"variant": f"{name} on {problem.label()}", "reason": refusal})
+                continue
+            when = timed(lambda: nf4_explorer.linear(x, packed, state, variant=name))
+            error = (nf4_explorer.linear(x, packed, state, variant=name).double() - reference).abs().max().item()
+            results.append({"problem": problem.label(), "variant": name, "ok": error <= bound, "vs_bitsandbytes": None,
+                            "time": when, "error": error, "bound": bound})
+    failures = sum((not r["ok"]) + (r["vs_bitsandbytes"] is False) for r in results)
+    if args.json:
+        print(json.dumps({"results": results, "skipped": skipped, "failures": failures}, indent=2))
+        return EXIT_FAILURE if failures else 0
+    table = Table(title="nf4-explorer check: every variant at its default config vs the reference")
+    for column in ("problem", "variant", "result", "vs bitsandbytes", "time"):
+        table.add_column(column)
+    for r in results:
+        result = ("[green]exact[/green]" if "error" not in r else f"[green]within {r['bound']:.2g}[/green]") if r["ok"] \
+            else "[red]FAIL[/red]"
+        vs = {None: "-", True: "[green]equal[/green]", False: "[red]DIFFERENT[/red]"}[r["vs_bitsandbytes"]]
+        table.add_row(r["problem"], r["variant"], result, vs, r["time"])
     console.print(table)
-    console.print("[green]all variants exact[/green]" if not failures else f"[red]{failures} failures[/red]")
-    return 1 if failures else 0
+    for skip in skipped:
+        console.print(f"skipped {skip['variant']}: {skip['reason']}")
+    console.print("[green]all variants exact[/green] (linear: within the tolerance)" if not failures
+                  else f"[red]{failures} failures[/red]")
+    return EXIT_FAILURE if failures else 0
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "json", False):
+        console.print(text)
 
 
 def cmd_tune(args) -> int:
@@ -206,6 +245,9 @@ def cmd_tune(args) -> int:
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"file": str(path), "problems": len(problems), "entries": entries}, indent=2))
+        return 0
     table = Table(title=f"tuned {len(entries)} of {len(problems)} problems ({args.driver}) -> {path}")
     for column in ("problem", "winner", "config", "µs", "GB/s", "% copy"):
         table.add_column(column)
@@ -220,7 +262,7 @@ def cmd_tune(args) -> int:
 
 def cmd_show(args) -> int:
     from nf4_explorer import tuning
-    from .show import plot, render, tuned_files
+    from .show import all_files, as_json, plot, read, render, tuned_files
 
     gpu = args.gpu
     if gpu is None:
@@ -229,12 +271,23 @@ def cmd_show(args) -> int:
     files = tuned_files(gpu)
     if not files:
         where = ", ".join(f"{label}: {path}" for label, path in tuning.search_dirs())
-        console.print(f"no tuned files for {gpu!r} (looked in {where}). Run `nf4-explorer tune` first.")
-        return 1
-    docs = [doc for doc in (render(path, console) for path in files) if doc]
-    if args.plot and docs:
-        plot(docs[0], Path(args.plot))
-        console.print(f"wrote {args.plot}")
+        existing = sorted(path.stem for path in all_files())
+        known = f"tuned files exist for: {', '.join(existing)}" if existing else "there are no tuned files"
+        raise UsageError(f"no tuned file for {gpu!r} (looked in {where}); {known}. Pass --gpu SLUG or 'all', or "
+                         "run `nf4-explorer tune` on that GPU")
+    if args.json:
+        print(json.dumps(as_json(files), indent=2, default=str))
+        return 0
+    docs = [doc for doc in (render(path, console, wide=args.wide) for path in files) if doc]
+    if args.plot:
+        target = Path(args.plot)
+        if not target.parent.is_dir():
+            raise UsageError(f"--plot {args.plot}: the directory {target.parent} does not exist")
+        if not docs:
+            raise UsageError("--plot: none of the listed files can be read, nothing to plot")
+        plot(docs, target)
+        console.print(f"wrote {args.plot} ({len(docs)} panel{'s' if len(docs) > 1 else ''}: "
+                      f"{', '.join(str(d.get('device_name')) for d in docs)})")
     return 0
 
 
@@ -255,6 +308,9 @@ def cmd_bench(args) -> int:
         presets = load_presets()
         problems = list(dict.fromkeys(expand(presets["issue"]) + expand(presets["llm"])))
     copy_gbps, rows = bench(problems, device=device, torch_reference=not args.no_torch)
+    if args.json:
+        print(json.dumps({"copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return 0
     _print_bench(copy_gbps, rows)
     if args.loop:
         from .problems import Problem
@@ -300,6 +356,9 @@ def _bench_linear(args, device) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
     copy_gbps, rows = linear_bench(problems, device=device)
+    if args.json:
+        print(json.dumps({"copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return 0
     providers = list(rows[0].times)
     table = Table(title=f"linear, µs | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s | "
                         f"torch {torch.__version__}, triton {triton.__version__}")
@@ -343,6 +402,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="exactness and time of every variant on this GPU (or the interpreter)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
     check.set_defaults(func=cmd_check)
 
     tune = sub.add_parser("tune", help="tune every variant on this GPU and save the winners")
@@ -361,11 +421,15 @@ def main(argv=None) -> int:
     tune.add_argument("--output", help="directory for the tuned file (default: the user config dir; "
                       "tuned_configs/ to ship it)")
     tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    tune.add_argument("--json", action="store_true", help="print the new entries as JSON instead of a table")
     tune.set_defaults(func=cmd_tune)
 
     show = sub.add_parser("show", help="the tuned winners per GPU and their margins")
     show.add_argument("--gpu", help="GPU slug (e.g. nvidia-h100-80gb-hbm3) or 'all' (default: this GPU, else all)")
-    show.add_argument("--plot", help="PNG file: each variant's best GB/s per problem against the roofline")
+    show.add_argument("--plot", help="PNG file: each variant's best GB/s per problem against the roofline, one panel per GPU")
+    show.add_argument("--wide", action="store_true", help="every column (config, GB/s, runner-up, driver); default: "
+                      "one line per problem that fits 80 columns")
+    show.add_argument("--json", action="store_true", help="print the tuned entries as JSON")
     show.set_defaults(func=cmd_show)
 
     bench = sub.add_parser("bench", help="time the dispatcher, every variant, bitsandbytes and torch on a GPU")
@@ -373,6 +437,7 @@ def main(argv=None) -> int:
     bench.add_argument("--loop", action="store_true", help="also run the back-to-back loop (3 shapes x 3 weights x 1000)")
     bench.add_argument("--out", help="directory for bench.csv and bench.png")
     bench.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     bench.add_argument("--linear", action="store_true", help="the linear family: nf4_explorer.linear per M beside "
                        "bitsandbytes, dequantize + cuBLAS, dense cuBLAS and the floor")
     bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")

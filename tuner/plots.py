@@ -15,26 +15,33 @@ def _pyplot():
 
 
 def gbps_chart(groups: list[str], series: dict[str, list[float]], roofline: float | None, title: str, path: Path) -> None:
-    """GB/s per problem (x, in the given order), one line of markers per series, and the roofline.
-    Lines, not grouped bars: the chart stays readable for 40+ problems and 10 series. A value of 0
-    (not measured) is left out."""
+    """GB/s per problem (x, in the given order), one line of markers per series, and the roofline."""
+    gbps_panels([(groups, series, roofline, title)], path)
+
+
+def gbps_panels(panels: list[tuple], path: Path) -> None:
+    """One panel per (groups, series, roofline, title), stacked: GB/s per problem (x, in the given
+    order), one line of markers per series, and the roofline. Lines, not grouped bars: a panel stays
+    readable for 40+ problems and 10 series. A value of 0 (not measured) is left out."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(8.0, min(20.0, 0.35 * len(groups) + 4)), 6))
+    width = max(8.0, min(20.0, 0.35 * max(len(p[0]) for p in panels) + 4))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 6 * len(panels)), squeeze=False)
     markers = "os^vD<>ph*xP"
-    for i, (name, values) in enumerate(series.items()):
-        points = [(x, v) for x, v in enumerate(values) if v > 0]
-        ax.plot([x for x, _ in points], [v for _, v in points], marker=markers[i % len(markers)], markersize=4,
-                linewidth=1.0, label=name)
-    if roofline:
-        ax.axhline(roofline, color="black", linestyle="--", linewidth=1.2, label=f"copy bandwidth {roofline:.0f} GB/s")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("effective bandwidth (GB/s, bytes read + written)")
-    ax.set_xlabel("problem (shape, format, output dtype)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.grid(alpha=0.3)
+    for ax, (groups, series, roofline, title) in zip(axes[:, 0], panels):
+        for i, (name, values) in enumerate(series.items()):
+            points = [(x, v) for x, v in enumerate(values) if v > 0]
+            ax.plot([x for x, _ in points], [v for _, v in points], marker=markers[i % len(markers)], markersize=4,
+                    linewidth=1.0, label=name)
+        if roofline:
+            ax.axhline(roofline, color="black", linestyle="--", linewidth=1.2, label=f"copy bandwidth {roofline:.0f} GB/s")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("effective bandwidth (GB/s, bytes read + written)")
+        ax.set_xlabel("problem (shape, format, output dtype)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -102,8 +102,9 @@ def find_file(name: str) -> Path | None:
 @functools.lru_cache(maxsize=None)
 def kernel_hash(variant_name: str) -> str:
     """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
-    module (kernel, helpers, grid, space), the shared device code, the launcher and the family's
-    argument builder. An edit to any of them marks its tuned entries stale, and nothing else does."""
+    module (kernel, helpers, grid, space), the shared device code (``_decode``), the compile options,
+    the family's argument builder (what the kernel is called with) and the space. An edit to any of
+    them marks its tuned entries stale; validation, dispatch or file handling do not."""
     import sys
 
     from . import _decode, _format, _launch, _linear, _registry
@@ -111,9 +112,13 @@ def kernel_hash(variant_name: str) -> str:
     variant = _registry.get(variant_name)
     function = variant.kernel if variant.kernel is not None else variant.run
     module = sys.modules[getattr(function, "fn", function).__module__]
-    family = _linear if variant.family == "linear" else _format
-    source = "".join(inspect.getsource(m) for m in (module, _decode, _launch, family)) + repr(sorted(variant.space.items()))
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+    if variant.family == "linear":
+        builders = (_linear.LinearArgs.kernel_arguments, _format.device_pair_table, _format.problem_constexprs)
+    else:
+        builders = (_format.DequantArgs.kernel_arguments, _format.device_table, _format.problem_constexprs)
+    parts = [inspect.getsource(module), inspect.getsource(_decode), inspect.getsource(_launch.launch_options),
+             *(inspect.getsource(b) for b in builders), repr(sorted(variant.space.items()))]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def entry_family(entry: dict) -> str:
@@ -196,24 +201,70 @@ def entry_problem(entry: Any) -> str | None:
     return None
 
 
-def load_entries(name: str) -> tuple[Path | None, list[dict]]:
-    """Usable entries of the tuned file for device ``name``. Never raises: a missing file gives no
-    entries silently; an unreadable, corrupt or stale one gives one warning naming the file and why."""
-    path = find_file(name)
+def device_properties(device: torch.device) -> tuple[tuple[int, int], int] | None:
+    """(compute capability, SM count) of a GPU, or None for the interpreter."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def nearest_file(name: str, capability: tuple[int, int], sm_count: int) -> tuple[Path, str] | None:
+    """For a GPU with no tuned file of its own: the file of the nearest card that has one (same
+    vendor first, then the same architecture family (compute capability major), then the nearest
+    compute capability, then the nearest SM count), as (path, that card's name); None if no file
+    says what card it was tuned on. A tuned config of another card is valid here (the kernels are
+    the same); it is only tuned for a neighbour."""
+    vendor = name.split()[0].lower() if name.split() else ""
+    best, seen = None, set()
+    for _, directory in search_dirs():
+        try:
+            paths = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        except OSError:
+            continue
+        for path in paths:
+            if path.stem in seen:
+                continue
+            seen.add(path.stem)
+            try:
+                doc = json.loads(path.read_text())
+                cc, sms, card = doc["compute_capability"], doc["sm_count"], str(doc["device_name"])
+                rank = (card.split()[0].lower() != vendor, cc[0] != capability[0],
+                        abs((cc[0] * 10 + cc[1]) - (capability[0] * 10 + capability[1])), abs(int(sms) - sm_count))
+            except (OSError, ValueError, RecursionError, KeyError, TypeError, IndexError, AttributeError):
+                continue  # not a tuned file of a GPU (or unreadable): not a candidate
+            if not validate_document(doc) and (best is None or rank < best[0]):
+                best = (rank, path, card)
+    return (best[1], best[2]) if best else None
+
+
+def load_entries(name: str, device: torch.device | None = None) -> tuple[str, list[dict]]:
+    """(where the entries come from, usable entries) of the tuned file for device ``name``: its own
+    file, else (for a GPU ``device``) the nearest card's file, said in the source. Never raises: no
+    file gives no entries silently; an unreadable, corrupt or stale one gives one warning naming the
+    file and why."""
+    path, source = find_file(name), None
+    if path is None and device is not None:
+        properties = device_properties(device)
+        nearest = nearest_file(name, *properties) if properties else None
+        if nearest is not None:
+            path, card = nearest
+            source = f"{path} (nearest card with a tuned file: {card})"
     if path is None:
-        return None, []
+        return "", []
+    source = source or str(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         _warn(path, f"cannot be read ({exc})")
-        return path, []
+        return source, []
     except RecursionError:
         _warn(path, "cannot be read (nested too deeply to be a tuned file)")
-        return path, []
+        return source, []
     problems = validate_document(doc)
     if problems:
         _warn(path, "; ".join(problems))
-        return path, []
+        return source, []
     usable, skipped = [], {}
     for entry in doc["entries"]:
         problem = entry_problem(entry)
@@ -224,7 +275,7 @@ def load_entries(name: str) -> tuple[Path | None, list[dict]]:
     if skipped:
         causes = "; ".join(f"{count} entries: {problem}" for problem, count in skipped.items())
         _warn(path, f"has stale or invalid entries that are ignored ({causes}); re-run `nf4-explorer tune`")
-    return path, usable
+    return source, usable
 
 
 def _warn(path: Path, message: str) -> None:

@@ -72,8 +72,7 @@ def reset() -> None:
 def _device_entries(device: torch.device) -> tuple[str, list[dict]]:
     name = _cache.device_name(device)
     if name not in _entries_by_device:
-        path, entries = _cache.load_entries(name)
-        _entries_by_device[name] = (str(path) if path else "", entries)
+        _entries_by_device[name] = _cache.load_entries(name, device)
     return _entries_by_device[name]
 
 
