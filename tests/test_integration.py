@@ -76,25 +76,92 @@ def test_patch_is_a_context_manager_and_restores(device, launches):
     assert F.dequantize_4bit is original
 
 
+def _reference_forward(layer, x):
+    """What linear_dequantize must equal bit for bit: F.linear on bitsandbytes' own dequantized weight."""
+    weight = F.dequantize_4bit(layer.weight, layer.weight.quant_state).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, layer.bias)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("compress_statistics", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_linear4bit_patched_equals_unpatched(device, quant_type, compress_statistics, dtype, launches):
+def test_linear4bit_forward_and_backward_are_routed(device, quant_type, compress_statistics, dtype, launches,
+                                                    monkeypatch):
+    """Linear4bit with gradients (QLoRA training): the forward (bitsandbytes::gemm_4bit, through
+    MatMul4Bit.forward) runs nf4-explorer's linear, the input gradient (MatMul4Bit.backward) its
+    dequantize; with dequantize + cuBLAS forced, both are bit-identical to bitsandbytes' own
+    dequantized weight through F.linear and MatMul4Bit.backward's matmul."""
+    monkeypatch.setenv("NF4_EXPLORER_LINEAR_VARIANT", "linear_dequantize")
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=dtype, quant_type=quant_type,
                               compress_statistics=compress_statistics).to(dtype).to(device)
-    # Several tokens with gradients (QLoRA training). bitsandbytes 0.50's forward runs a fused 4-bit
-    # GEMM (no dequantize_4bit); the input gradient dequantizes the weight then matmuls.
     x = torch.randn(2, 7, 64, dtype=dtype, device=device, requires_grad=True)
     grad = torch.randn(2, 7, 48, dtype=dtype, device=device)
-    expected = layer(x)
-    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    expected = _reference_forward(layer, x.detach())
+    weight = F.dequantize_4bit(layer.weight, layer.weight.quant_state).to(dtype)
+    expected_grad = torch.matmul(grad, weight)
     with nf4_explorer.patch_bitsandbytes():
         patched = layer(x)
         (patched_grad,) = torch.autograd.grad(patched, x, grad)
-    assert len(launches) == 1, "the backward did not dequantize through nf4-explorer"
-    assert_bit_equal(patched, expected)
-    assert_bit_equal(patched_grad, expected_grad)
+    assert "linear_dequantize" in launches, "the forward did not run through nf4-explorer's linear"
+    assert launches.count("linear_dequantize") == 1 and len(launches) == 3, launches  # forward, its dequantize, backward
+    assert_bit_equal(patched.detach(), expected, "forward")
+    assert_bit_equal(patched_grad, expected_grad, "input gradient")
+
+
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_inference_matmul_4bit_is_routed_at_every_m(device, m, launches):
+    """bnb.matmul_4bit without gradients (inference) at small and larger M: routed, within the
+    linear family's tolerance of x and the dequantized weight in float64; restored after."""
+    from nf4_explorer import tuning
+
+    layer = bnb.nn.Linear4bit(128, 32, bias=False, compute_dtype=torch.float16, quant_type="nf4").to(torch.float16).to(device)
+    x = torch.randn(m, 128, dtype=torch.float16, device=device)
+    state = layer.weight.quant_state
+    reference = tuning.reference_linear(x, layer.weight, state)
+    bound = tuning.tolerance(x, layer.weight, state, reference=reference)
+    with torch.no_grad(), nf4_explorer.patch_bitsandbytes():
+        out = layer(x)
+    routed = [name for name in launches if name.startswith("linear_")]
+    assert routed, "bitsandbytes::gemm_4bit did not reach nf4-explorer"
+    assert (out.double() - reference).abs().max().item() <= bound
+    launches.clear()
+    with torch.no_grad():
+        layer(x)
+    assert not launches, "the patch was not restored"
+
+
+def test_import_order_does_not_matter(tmp_path):
+    """peft and transformers imported before nf4_explorer, the patch taken after: a PEFT LoRA layer
+    over Linear4bit is still routed (the op hook does not depend on who imported whom)."""
+    pytest.importorskip("peft")
+    script = tmp_path / "order.py"
+    script.write_text(
+        "import os, torch\n"
+        "import peft, transformers, bitsandbytes as bnb\n"
+        "import nf4_explorer\n"
+        "from nf4_explorer._registry import Variant\n"
+        "calls = []\n"
+        "original = Variant.launch\n"
+        "Variant.launch = lambda self, a, c: (calls.append(self.name), original(self, a, c))[1]\n"
+        "base = torch.nn.Sequential(torch.nn.Linear(64, 32))\n"
+        "q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.bfloat16)\n"
+        "q.weight = bnb.nn.Params4bit(base[0].weight.data, requires_grad=False)\n"
+        "q = q.to(torch.bfloat16).to('cpu')\n"
+        "model = peft.get_peft_model(torch.nn.Sequential(q), peft.LoraConfig(r=4, target_modules=['0']))\n"
+        "x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)\n"
+        "with nf4_explorer.patch_bitsandbytes():\n"
+        "    model(x).float().sum().backward()\n"
+        "print(sorted(set(calls)))\n"
+    )
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    routed = eval(result.stdout.strip().splitlines()[-1])
+    assert any(name.startswith("linear_") for name in routed) and any(not name.startswith("linear_") for name in routed), routed
 
 
 def _tiny_llama_4bit(quant_type="nf4", compress_statistics=True):
@@ -119,19 +186,17 @@ def _tiny_llama_4bit(quant_type="nf4", compress_statistics=True):
 
 
 @pytest.mark.gpu
-def test_small_llama_logits_and_gradients_patched_equal_unpatched(launches):
+def test_small_llama_logits_routed_and_exact(launches, monkeypatch):
+    """A 2-layer Llama from transformers with Linear4bit layers: patched, with dequantize + cuBLAS
+    forced, its logits equal those of the same model whose Linear4bit layers run F.linear on
+    bitsandbytes' dequantized weights (the dequantize-only route is bit-identical)."""
+    monkeypatch.setenv("NF4_EXPLORER_LINEAR_VARIANT", "linear_dequantize")
     model = _tiny_llama_4bit()
     ids = torch.randint(0, 1000, (2, 16), device="cuda")
-    embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
-
-    def run():
-        logits = model(inputs_embeds=embeds).logits
-        (grad,) = torch.autograd.grad(logits.float().square().mean(), embeds)
-        return logits.detach(), grad
-
-    expected_logits, expected_grad = run()
-    with nf4_explorer.patch_bitsandbytes():
-        logits, grad = run()
-    assert launches, "the backward did not dequantize through nf4-explorer"
-    assert_bit_equal(logits, expected_logits, "logits")
-    assert_bit_equal(grad, expected_grad, "input gradient")
+    with torch.no_grad():
+        with nf4_explorer.patch_bitsandbytes():
+            logits = model(ids).logits
+        assert "linear_dequantize" in launches
+        monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: _reference_forward(self, x))
+        expected = model(ids).logits
+    assert_bit_equal(logits, expected, "logits")

@@ -34,6 +34,9 @@ def _configs(name, blocksize):
 
 
 def _check(name, config, x, packed, state, bias):
+    refusal = nf4_explorer.get(name).accepts(tuning.prepare_linear(x, packed, state, bias))
+    if refusal is not None:
+        pytest.skip(refusal)
     out = nf4_explorer.linear(x, packed, state, bias, variant=name, config=config)
     assert out.shape == (*x.shape[:-1], state.shape[0]) and out.dtype == x.dtype
     if name == "linear_dequantize":
@@ -173,6 +176,8 @@ def test_cuda_graph_replay():
     """Decoding runs under CUDA graphs: a captured call replays on new x in place."""
     x, packed, state, bias = _problem(256, 512, 1, torch.bfloat16, "cuda", bias=True)
     for name in LINEAR:
+        if nf4_explorer.get(name).accepts(tuning.prepare_linear(x, packed, state, bias)) is not None:
+            continue
         static_x = x.clone()
         nf4_explorer.linear(static_x, packed, state, bias, variant=name)  # compile outside the capture
         torch.cuda.synchronize()
@@ -207,3 +212,17 @@ def test_backward_equals_bitsandbytes_on_gpu():
     (ours,) = torch.autograd.grad(nf4_explorer.linear(x, packed, state), x, grad)
     (theirs,) = torch.autograd.grad(bnb.matmul_4bit(x, packed.t(), quant_state=state), x, grad)
     assert_bit_equal(ours, theirs, "input gradient")
+
+
+def test_a_variant_that_declines_is_skipped_by_the_dispatcher(monkeypatch, device):
+    """linear_bitsandbytes declines CPU tensors (and any problem bitsandbytes' kernel cannot take):
+    forced, it says why; tuned, the dispatcher falls back to dequantize + cuBLAS and says why."""
+    x, packed, state, _ = _problem(16, 64, 2, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        nf4_explorer.linear(x, packed, state, variant="linear_bitsandbytes")
+    monkeypatch.setenv("NF4_EXPLORER_LINEAR_VARIANT", "linear_bitsandbytes")
+    _dispatch.reset()
+    choice = nf4_explorer.explain_linear(x, packed, state)
+    assert choice.variant == "linear_dequantize" and "linear_bitsandbytes cannot take this problem" in choice.detail
+    expected = torch.nn.functional.linear(x, nf4_explorer.dequantize(packed, state).to(x.dtype))
+    assert_bit_equal(nf4_explorer.linear(x, packed, state), expected)

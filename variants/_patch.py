@@ -1,39 +1,75 @@
-"""The bitsandbytes drop-in: ``patch_bitsandbytes()`` routes bitsandbytes' 4-bit entry points
-through nf4-explorer's dispatcher."""
+"""The bitsandbytes drop-in: ``patch_bitsandbytes()`` routes every place where bitsandbytes 0.50
+multiplies or dequantizes a 4-bit weight on a GPU through nf4-explorer's dispatcher.
+
+Two hooks, each the most robust for its entry point:
+
+- ``bitsandbytes::gemm_4bit`` (every ``Linear4bit.forward``, at every M; ``bnb.matmul_4bit``'s
+  inference path; ``MatMul4Bit.forward`` in training): nf4-explorer's kernel is registered for the
+  op's CUDA dispatch key with ``torch.library``. Every caller reaches the op through PyTorch's
+  dispatcher, so the route holds whatever was imported first (bitsandbytes, peft, transformers),
+  for references taken before the patch, and under ``torch.compile`` (the op and its fake stay
+  bitsandbytes', only the kernel behind it changes). Removing the registration restores
+  bitsandbytes' kernel exactly.
+- ``bitsandbytes.functional.dequantize_4bit`` (``MatMul4Bit.backward``, legacy [K, N] weights, PEFT's
+  merges): a module attribute, because with double quantization bitsandbytes decodes the absmax in
+  Python (two launches) before its ``dequantize_4bit`` op, so the op is too late a hook. Callers that
+  look it up at call time (bitsandbytes, peft) are routed; a copy taken with
+  ``from bitsandbytes.functional import dequantize_4bit`` before the patch is not.
+
+CPU tensors are routed only under TRITON_INTERPRET=1 (as ``dequantize`` does, so that CI can test the
+routing); XPU and other devices keep bitsandbytes' kernels.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+
+import torch
 
 from ._api import dequantize
-from ._format import interpreter_enabled
+from ._dispatch import linear_eager
+from ._format import QuantState, interpreter_enabled
+
+_ACTIVE = [None]  # the patch in force (one at a time)
 
 
 class patch_bitsandbytes(contextlib.ContextDecorator):
-    """Routes ``bitsandbytes.functional.dequantize_4bit`` (used by ``bnb.nn.Linear4bit``, PEFT's
-    QLoRA layers and transformers' ``load_in_4bit`` models) through nf4-explorer's dispatcher.
+    """Routes bitsandbytes' 4-bit matmul (``bitsandbytes::gemm_4bit``) and ``dequantize_4bit``
+    through nf4-explorer (see this module's docstring for the hooks and why).
 
-    ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle; ``handle.restore()``
-    or leaving ``with nf4_explorer.patch_bitsandbytes():`` puts bitsandbytes' function back. Calls
-    without a quant_state, with bitsandbytes' legacy ``absmax=``/``blocksize=`` arguments, or on
-    devices nf4-explorer cannot run on (a CPU tensor without TRITON_INTERPRET=1) go to bitsandbytes.
+    ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle: one line routes every
+    ``Linear4bit`` of every model (transformers' ``load_in_4bit``, PEFT's QLoRA layers, plain
+    ``bnb.nn.Linear4bit``). ``handle.restore()`` or leaving ``with nf4_explorer.patch_bitsandbytes():``
+    puts bitsandbytes' kernels back. ``dequantize_4bit`` calls without a quant_state or with the
+    legacy ``absmax=``/``blocksize=`` arguments go to bitsandbytes.
     """
 
     def __init__(self):
         import bitsandbytes.functional as bnb_functional
 
+        if _ACTIVE[0] is not None or getattr(bnb_functional.dequantize_4bit, "_nf4_explorer_patch", False):
+            raise RuntimeError("bitsandbytes is already patched by nf4-explorer: restore the first patch first")
         self._module = bnb_functional
         self._original = bnb_functional.dequantize_4bit
-        if getattr(self._original, "_nf4_explorer_patch", False):
-            raise RuntimeError("bitsandbytes is already patched by nf4-explorer: restore the first patch first")
+        self._library = torch.library.Library("bitsandbytes", "IMPL")
+        keys = ["CUDA"] + (["CPU"] if interpreter_enabled() else [])
+        with warnings.catch_warnings():
+            # PyTorch warns once that a registered kernel is overridden: that is the point here.
+            warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+            for key in keys:
+                self._library.impl("gemm_4bit", _gemm_4bit, key)
         bnb_functional.dequantize_4bit = _patched(self._original)
+        _ACTIVE[0] = self
         self._active = True
 
     def restore(self) -> None:
-        """Puts bitsandbytes' own dequantize_4bit back (idempotent)."""
+        """Puts bitsandbytes' own kernels and dequantize_4bit back (idempotent)."""
         if self._active:
+            self._library._destroy()
             self._module.dequantize_4bit = self._original
+            _ACTIVE[0] = None
             self._active = False
 
     def __enter__(self):
@@ -42,6 +78,21 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+               absmax_offset=None):
+    """``bitsandbytes::gemm_4bit`` through ``nf4_explorer.linear``: A [..., K] times the packed
+    [N, K] weight B, decoded in A's dtype as bitsandbytes does. With double quantization the op gets
+    the nested absmax as ``absmax`` and the uint8 codes as ``absmax_8bit``."""
+    shape = torch.Size(shapeB)
+    if absmax_8bit is not None:
+        nested = QuantState(absmax=absmax, shape=absmax.shape, dtype=torch.float32, blocksize=256, code=absmax_code)
+        state = QuantState(absmax=absmax_8bit, shape=shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
+                           offset=absmax_offset, state2=nested)
+    else:
+        state = QuantState(absmax=absmax, shape=shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type)
+    return linear_eager(A, B, state, bias)
 
 
 def _patched(original):
