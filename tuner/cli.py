@@ -302,6 +302,8 @@ def cmd_bench(args) -> int:
         return EXIT_USAGE
     if args.linear:
         return _bench_linear(args, device)
+    if args.e2e:
+        return _bench_e2e(args)
     if args.preset or args.shapes or args.shapes_file:
         problems = _problems(args, device, "issue")
     else:
@@ -335,6 +337,28 @@ def cmd_bench(args) -> int:
         write_csv(rows, out_dir / "bench.csv")
         bench_chart(rows, copy_gbps, out_dir / "bench.png")
         console.print(f"wrote {out_dir / 'bench.csv'} and {out_dir / 'bench.png'}")
+    return 0
+
+
+def _bench_e2e(args) -> int:
+    import torch
+    import transformers
+
+    from .e2e import e2e_bench
+
+    rows = e2e_bench(layers=args.layers)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(title=f"end to end, Llama-3-8B shapes, {args.layers} layers, NF4 double quant, bf16 | "
+                        f"{torch.cuda.get_device_name()} | torch {torch.__version__}, transformers {transformers.__version__}")
+    for column in ("measure", "dense bf16", "bitsandbytes NF4", "patched NF4", "patched / bnb"):
+        table.add_column(column)
+    for row in rows:
+        faster = row.patched / row.bitsandbytes if row.unit == "tok/s" else row.bitsandbytes / row.patched
+        table.add_row(f"{row.measure} ({row.unit})", f"{row.dense:.1f}", f"{row.bitsandbytes:.1f}",
+                      f"{row.patched:.1f}", f"{faster:.2f}x")
+    console.print(table)
     return 0
 
 
@@ -440,6 +464,9 @@ def main(argv=None) -> int:
     bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     bench.add_argument("--linear", action="store_true", help="the linear family: nf4_explorer.linear per M beside "
                        "bitsandbytes, dequantize + cuBLAS, dense cuBLAS and the floor")
+    bench.add_argument("--e2e", action="store_true", help="whole Llama-3-8B-shaped models (random weights): decode, "
+                       "prefill and a QLoRA step; dense bf16, bitsandbytes NF4 and NF4 patched, in one process")
+    bench.add_argument("--layers", type=_positive(int), default=8, help="with --e2e: decoder layers (default 8)")
     bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")
     bench.set_defaults(func=cmd_bench)
 
