@@ -200,3 +200,28 @@ def test_small_llama_logits_routed_and_exact(launches, monkeypatch):
         monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: _reference_forward(self, x))
         expected = model(ids).logits
     assert_bit_equal(logits, expected, "logits")
+
+
+def test_patch_takes_a_key_bitsandbytes_registered_from_python(monkeypatch):
+    """On a GPU, bitsandbytes registers gemm_4bit's CUDA kernel from Python, which torch.library
+    guards (run S5.5: 'already a kernel registered from python'). Stand-in on the CPU: a Python
+    registration of the CPU key first; the patch still takes it and gives it back on restore."""
+    import torch.library
+
+    if not nf4_explorer._format.interpreter_enabled():
+        pytest.skip("the CPU key is patched only under the interpreter")
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    layer = bnb.nn.Linear4bit(64, 16, bias=False, compute_dtype=torch.float32).to("cpu")
+    x = torch.randn(2, 64)
+    sentinel = torch.full((2, 16), 7.0)
+    try:
+        library.impl("gemm_4bit", lambda *args, **kwargs: sentinel.clone(), "CPU")
+        with torch.no_grad():
+            assert torch.equal(layer(x), sentinel)
+            with nf4_explorer.patch_bitsandbytes():
+                routed = layer(x)
+            assert "bitsandbytes/gemm_4bit/CPU" in torch.library._impls, "the earlier registration's record was lost"
+            assert not torch.equal(routed, sentinel), "the patch did not take the key"
+            assert torch.equal(layer(x), sentinel), "the earlier Python kernel was not given back"
+    finally:
+        library._destroy()

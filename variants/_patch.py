@@ -54,20 +54,37 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
         self._module = bnb_functional
         self._original = bnb_functional.dequantize_4bit
         self._library = torch.library.Library("bitsandbytes", "IMPL")
+        self._python_keys = []  # bitsandbytes' own Python registrations of these keys, given back on restore
         keys = ["CUDA"] + (["CPU"] if interpreter_enabled() else [])
         with warnings.catch_warnings():
             # PyTorch warns once that a registered kernel is overridden: that is the point here.
             warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
             for key in keys:
-                self._library.impl("gemm_4bit", _gemm_4bit, key)
+                self._override(key)
         bnb_functional.dequantize_4bit = _patched(self._original)
         _ACTIVE[0] = self
         self._active = True
+
+    def _override(self, key: str) -> None:
+        """Registers our gemm_4bit kernel for dispatch ``key`` on top of bitsandbytes' (which PyTorch's
+        dispatcher keeps and restores when ours is removed). bitsandbytes registers its CUDA kernel from
+        Python; torch.library refuses a second Python registration of one key unless told
+        ``allow_override=True`` (torch 2.12+), and older versions only by its bookkeeping set."""
+        name = f"bitsandbytes/gemm_4bit/{key}"
+        registered = getattr(torch.library, "_impls", set())
+        if name in registered:
+            self._python_keys.append(name)  # removing ours drops the name: given back in restore()
+        try:
+            self._library.impl("gemm_4bit", _gemm_4bit, key, allow_override=True)
+        except TypeError:  # torch before 2.12: no allow_override, only the bookkeeping set guards
+            registered.discard(name)
+            self._library.impl("gemm_4bit", _gemm_4bit, key)
 
     def restore(self) -> None:
         """Puts bitsandbytes' own kernels and dequantize_4bit back (idempotent)."""
         if self._active:
             self._library._destroy()
+            getattr(torch.library, "_impls", set()).update(self._python_keys)
             self._module.dequantize_4bit = self._original
             _ACTIVE[0] = None
             self._active = False
