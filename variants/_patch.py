@@ -84,6 +84,9 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
         """Puts bitsandbytes' own kernels and dequantize_4bit back (idempotent)."""
         if self._active:
             self._library._destroy()
+            # The Library's finalizer subtracts its records from torch.library's set once more when it
+            # is collected: empty them, so that bitsandbytes' record given back here stays.
+            getattr(self._library, "_op_impls", set()).clear()
             getattr(torch.library, "_impls", set()).update(self._python_keys)
             self._module.dequantize_4bit = self._original
             _ACTIVE[0] = None
