@@ -100,7 +100,7 @@ def test_linear4bit_forward_and_backward_are_routed(device, quant_type, compress
     expected = _reference_forward(layer, x.detach())
     weight = F.dequantize_4bit(layer.weight, layer.weight.quant_state).to(dtype)
     expected_grad = torch.matmul(grad, weight)
-    with nf4_explorer.patch_bitsandbytes():
+    with nf4_explorer.patch_bitsandbytes(linear=True):
         patched = layer(x)
         (patched_grad,) = torch.autograd.grad(patched, x, grad)
     assert "linear_dequantize" in launches, "the forward did not run through nf4-explorer's linear"
@@ -120,7 +120,7 @@ def test_inference_matmul_4bit_is_routed_at_every_m(device, m, launches):
     state = layer.weight.quant_state
     reference = tuning.reference_linear(x, layer.weight, state)
     bound = tuning.tolerance(x, layer.weight, state, reference=reference)
-    with torch.no_grad(), nf4_explorer.patch_bitsandbytes():
+    with torch.no_grad(), nf4_explorer.patch_bitsandbytes(linear=True):
         out = layer(x)
     routed = [name for name in launches if name.startswith("linear_")]
     assert routed, "bitsandbytes::gemm_4bit did not reach nf4-explorer"
@@ -150,7 +150,7 @@ def test_import_order_does_not_matter(tmp_path):
         "q = q.to(torch.bfloat16).to('cpu')\n"
         "model = peft.get_peft_model(torch.nn.Sequential(q), peft.LoraConfig(r=4, target_modules=['0']))\n"
         "x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)\n"
-        "with nf4_explorer.patch_bitsandbytes():\n"
+        "with nf4_explorer.patch_bitsandbytes(linear=True):\n"
         "    model(x).float().sum().backward()\n"
         "print(sorted(set(calls)))\n"
     )
@@ -194,7 +194,7 @@ def test_small_llama_logits_routed_and_exact(launches, monkeypatch):
     model = _tiny_llama_4bit()
     ids = torch.randint(0, 1000, (2, 16), device="cuda")
     with torch.no_grad():
-        with nf4_explorer.patch_bitsandbytes():
+        with nf4_explorer.patch_bitsandbytes(linear=True):
             logits = model(ids).logits
         assert "linear_dequantize" in launches
         monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: _reference_forward(self, x))
@@ -218,10 +218,19 @@ def test_patch_takes_a_key_bitsandbytes_registered_from_python(monkeypatch):
         library.impl("gemm_4bit", lambda *args, **kwargs: sentinel.clone(), "CPU")
         with torch.no_grad():
             assert torch.equal(layer(x), sentinel)
-            with nf4_explorer.patch_bitsandbytes():
+            with nf4_explorer.patch_bitsandbytes(linear=True):
                 routed = layer(x)
             assert "bitsandbytes/gemm_4bit/CPU" in torch.library._impls, "the earlier registration's record was lost"
             assert not torch.equal(routed, sentinel), "the patch did not take the key"
             assert torch.equal(layer(x), sentinel), "the earlier Python kernel was not given back"
     finally:
         library._destroy()
+
+
+def test_default_patch_leaves_the_matmul_to_bitsandbytes(device, launches):
+    """Without linear=True only dequantize_4bit is routed (the matmul route measured slower end to end)."""
+    layer = bnb.nn.Linear4bit(64, 16, bias=False, compute_dtype=torch.float16).to(torch.float16).to(device)
+    x = torch.randn(3, 64, dtype=torch.float16, device=device)
+    with torch.no_grad(), nf4_explorer.patch_bitsandbytes():
+        layer(x)
+    assert not [name for name in launches if name.startswith("linear_")]

@@ -4,7 +4,7 @@ Models come from ``transformers.LlamaConfig`` with random weights (no download).
 Linear is replaced by a bitsandbytes ``Linear4bit`` (NF4, double quant, bf16 compute) quantized on
 the GPU, as ``load_in_4bit`` does. Measured: greedy decoding (eager), a prefill forward, and a QLoRA
 training step (PEFT LoRA on every linear layer, forward + backward + AdamW), each for the dense
-bf16 model, the NF4 model under bitsandbytes, and the NF4 model with ``patch_bitsandbytes()``.
+bf16 model, the NF4 model under bitsandbytes, and the NF4 model with ``patch_bitsandbytes(linear=True)``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def e2e_bench(layers: int = 8, batches=(1, 8), prompt: int = 32, new_tokens: int
         values = {}
         for name, model in (("dense", dense), ("bitsandbytes", quantized), ("patched", quantized)):
             if name == "patched":
-                with nf4_explorer.patch_bitsandbytes():
+                with nf4_explorer.patch_bitsandbytes(linear=True):
                     seconds = _seconds(lambda: run(model), repeats)
             else:
                 seconds = _seconds(lambda: run(model), repeats)
@@ -129,7 +129,7 @@ def _train_rows(dense, quantized, config, batch: int, tokens: int, repeats: int)
             optimizer.zero_grad(set_to_none=True)
 
         if name == "patched":
-            with nf4_explorer.patch_bitsandbytes():
+            with nf4_explorer.patch_bitsandbytes(linear=True):
                 values[name] = _seconds(step, repeats) * 1e3
         else:
             values[name] = _seconds(step, repeats) * 1e3

@@ -44,9 +44,15 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
     ``bnb.nn.Linear4bit``). ``handle.restore()`` or leaving ``with nf4_explorer.patch_bitsandbytes():``
     puts bitsandbytes' kernels back. ``dequantize_4bit`` calls without a quant_state or with the
     legacy ``absmax=``/``blocksize=`` arguments go to bitsandbytes.
+
+    ``linear=True`` also routes the 4-bit matmul (``bitsandbytes::gemm_4bit``). It is off by default
+    because, measured end to end on an H200 (run S5.6, 8 Llama-3-8B layers), it made eager decoding
+    0.78x and a 2048-token prefill 0.81x as fast as bitsandbytes alone (a QLoRA step: 1.01x), although
+    each linear problem alone is as fast or faster (``bench --linear``): the Python path per call
+    (the op's Python kernel, validation, dispatch) costs more than it saves. docs/performance.md.
     """
 
-    def __init__(self):
+    def __init__(self, *, linear: bool = False):
         import bitsandbytes.functional as bnb_functional
 
         if _ACTIVE[0] is not None or getattr(bnb_functional.dequantize_4bit, "_nf4_explorer_patch", False):
@@ -55,7 +61,7 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
         self._original = bnb_functional.dequantize_4bit
         self._library = torch.library.Library("bitsandbytes", "IMPL")
         self._python_keys = []  # bitsandbytes' own Python registrations of these keys, given back on restore
-        keys = ["CUDA"] + (["CPU"] if interpreter_enabled() else [])
+        keys = (["CUDA"] + (["CPU"] if interpreter_enabled() else [])) if linear else []
         with warnings.catch_warnings():
             # PyTorch warns once that a registered kernel is overridden: that is the point here.
             warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
