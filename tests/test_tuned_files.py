@@ -191,3 +191,76 @@ def test_a_gpu_without_a_file_uses_the_nearest_card(config_dir, monkeypatch):
     packed, state = TINY.make_inputs("cuda" if torch.cuda.is_available() else "cpu")
     choice = nf4_explorer.explain(packed, state)
     assert choice.reason == "tuned (exact)" and "nearest card with a tuned file: NVIDIA H200" in choice.source
+
+
+def test_config_dir_that_cannot_be_looked_into_simulated(config_dir, monkeypatch):
+    """The mode-000 directory case where the tests run as root: stat() raises PermissionError."""
+    from pathlib import Path
+
+    config_dir.mkdir(parents=True)
+    original = Path.is_file
+
+    def denied(self):
+        if self.parent == config_dir:
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert _dequantize_warns("cannot be looked at").reason == "default"
+
+
+def test_tune_sets_aside_a_file_it_may_not_read(tmp_path, monkeypatch):
+    """A file owned by another user, 0600 (simulated: reading raises PermissionError): set aside, not replaced."""
+    from pathlib import Path
+
+    path = tmp_path / "fake-gpu-9000.json"
+    content = json.dumps({"schema_version": 2, "entries": [_entry()]})
+    path.write_text(content)
+    original = Path.read_text
+    monkeypatch.setattr(Path, "read_text",
+                        lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self == path else original(self, *a, **k))
+    with pytest.warns(RuntimeWarning, match="Permission denied"):
+        cache_writer.merge(path, [_entry(Problem((16, 64)))], {})
+    monkeypatch.undo()
+    (aside,) = tmp_path.glob("fake-gpu-9000.json.unreadable-*")
+    assert aside.read_text() == content
+
+
+def test_read_only_output_refused_simulated(tmp_path, monkeypatch):
+    """The read-only --output case where the tests run as root (os.access says no)."""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(cache_writer.OutputRefused, match="is not writable"):
+        cache_writer.check_output(tmp_path / "out" / "x.json")
+
+
+def test_a_tuned_entry_that_fails_to_launch_is_dropped_once(config_dir, monkeypatch):
+    """An entry that does not compile or launch under this software: one warning, exact results
+    through the built-in default, and the choice says why."""
+    config_dir.mkdir(parents=True)
+    (config_dir / "fake-gpu-9000.json").write_text(json.dumps({"schema_version": 2, "entries": [_entry()]}))
+    original = nf4_explorer.Variant.launch
+
+    def broken(self, args, config):
+        if self.name == "where_gather":
+            raise RuntimeError("compilation failed under this Triton")
+        return original(self, args, config)
+
+    monkeypatch.setattr(nf4_explorer.Variant, "launch", broken)
+    choice = _dequantize_warns("failed (RuntimeError: compilation failed")
+    assert choice.reason == "default" and "tuned where_gather failed here" in choice.detail
+
+
+def test_show_marks_malformed_entries(config_dir, capsys):
+    from nf4_explorer.tuner import cli
+
+    config_dir.mkdir(parents=True)
+    (config_dir / "fake-gpu-9000.json").write_text(json.dumps({"schema_version": 2, "entries": [
+        _entry(shape=5), _entry(Problem((16, 64)))]}))
+    assert cli.main(["show", "--gpu", "fake-gpu-9000"]) == 0
+    assert cli.main(["show", "--gpu", "fake-gpu-9000", "--wide"]) == 0
+    assert "where_gather" in capsys.readouterr().out
+    assert cli.main(["show", "--gpu", "fake-gpu-9000", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    statuses = [row["status"] for row in listed["entries"]]
+    assert statuses[0].startswith("ignored: malformed entry (shape is 5") and statuses[1] == "ok"

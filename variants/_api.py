@@ -26,7 +26,9 @@ def dequantize(
             bytes (e.g. [rows, cols/2]); element 2i in the high nibble of byte i. Non-contiguous
             input is copied.
         state: a :class:`nf4_explorer.QuantState` or a bitsandbytes ``QuantState`` (duck-typed).
-        out: optional contiguous output of ``state.shape`` and ``state.dtype`` on packed's device.
+        out: optional contiguous output of ``state.shape`` and ``state.dtype`` on packed's device. An
+            ``out`` that overlaps any input's memory (packed, absmax, the nested state) is refused
+            with a ValueError: the kernels would read what they had already overwritten.
         variant, config: force a registered dequantize variant (and one config of its space); None
             lets the dispatcher choose from the GPU's tuned file or the built-in default.
 
