@@ -158,3 +158,18 @@ def test_shipped_tunings_are_in_use():
         if path.parent.name == "tuned_configs":
             statuses = [row["status"] for row in show.rows(show.read(path)[0])]
             assert all(s.startswith("ok") for s in statuses), (path.name, [s for s in statuses if not s.startswith("ok")])
+
+
+def test_show_on_a_gpu_without_a_file_names_the_nearest_card(capsys, monkeypatch, tmp_path):
+    import torch
+
+    from nf4_explorer import tuning
+
+    monkeypatch.delenv("NF4_EXPLORER_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(cli, "_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA H100 NVL")
+    monkeypatch.setattr(tuning, "device_properties", lambda device: ((9, 0), 132))
+    assert cli.main(["show"]) == 0
+    output = " ".join(capsys.readouterr().out.split())
+    assert "NVIDIA H100 NVL has no tuned file of its own: the dispatcher uses the nearest card's, NVIDIA H200" in output

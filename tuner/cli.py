@@ -264,11 +264,17 @@ def cmd_show(args) -> int:
     from nf4_explorer import tuning
     from .show import all_files, as_json, plot, read, render, tuned_files
 
-    gpu = args.gpu
+    gpu, nearest = args.gpu, None
     if gpu is None:
         device = _device()
         gpu = tuning.slug(tuning.device_name(device)) if device is not None and device.type == "cuda" else "all"
-    files = tuned_files(gpu)
+        if gpu != "all" and not tuned_files(gpu):
+            properties = tuning.device_properties(device)
+            nearest = tuning.nearest_file(tuning.device_name(device), *properties) if properties else None
+    files = tuned_files(gpu) if nearest is None else [nearest[0]]
+    if nearest is not None and not args.json:
+        console.print(f"{tuning.device_name(device)} has no tuned file of its own: the dispatcher uses the nearest "
+                      f"card's, {nearest[1]} ({nearest[0].name})", highlight=False)
     if not files:
         where = ", ".join(f"{label}: {path}" for label, path in tuning.search_dirs())
         existing = sorted(path.stem for path in all_files())
