@@ -172,4 +172,4 @@ def test_show_on_a_gpu_without_a_file_names_the_nearest_card(capsys, monkeypatch
     monkeypatch.setattr(tuning, "device_properties", lambda device: ((9, 0), 132))
     assert cli.main(["show"]) == 0
     output = " ".join(capsys.readouterr().out.split())
-    assert "NVIDIA H100 NVL has no tuned file of its own: the dispatcher uses the nearest card's, NVIDIA H200" in output
+    assert "NVIDIA H100 NVL has no tuned file of its own: the dispatcher uses the nearest card's, NVIDIA H100 80GB HBM3" in output
