@@ -1,7 +1,8 @@
 """The bitsandbytes drop-in: ``patch_bitsandbytes()`` routes every place where bitsandbytes 0.50
 multiplies or dequantizes a 4-bit weight on a GPU through nf4-explorer's dispatcher.
 
-Two hooks, each the most robust for its entry point:
+Two hooks, each the most robust for its entry point (the first only with ``linear=True``, see the
+class):
 
 - ``bitsandbytes::gemm_4bit`` (every ``Linear4bit.forward``, at every M; ``bnb.matmul_4bit``'s
   inference path; ``MatMul4Bit.forward`` in training): nf4-explorer's kernel is registered for the
@@ -36,10 +37,10 @@ _ACTIVE = [None]  # the patch in force (one at a time)
 
 
 class patch_bitsandbytes(contextlib.ContextDecorator):
-    """Routes bitsandbytes' 4-bit matmul (``bitsandbytes::gemm_4bit``) and ``dequantize_4bit``
-    through nf4-explorer (see this module's docstring for the hooks and why).
+    """Routes bitsandbytes' ``dequantize_4bit`` and, with ``linear=True``, its 4-bit matmul
+    (``bitsandbytes::gemm_4bit``) through nf4-explorer (see this module's docstring for the hooks and why).
 
-    ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle: one line routes every
+    ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle: one line covers every
     ``Linear4bit`` of every model (transformers' ``load_in_4bit``, PEFT's QLoRA layers, plain
     ``bnb.nn.Linear4bit``). ``handle.restore()`` or leaving ``with nf4_explorer.patch_bitsandbytes():``
     puts bitsandbytes' kernels back. ``dequantize_4bit`` calls without a quant_state or with the
