@@ -138,7 +138,7 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
 
 
 def _sort_key(entry: dict):
-    return (entry.get("family", "dequantize"), entry["quant_type"], entry["blocksize"], not entry["double_quant"],
+    return (tuning.entry_family(entry), entry["quant_type"], entry["blocksize"], not entry["double_quant"],
             entry["out_dtype"], entry["shape"], entry.get("m_bucket") or 0)
 
 

@@ -17,6 +17,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _version() -> str:
+    """The installed distribution's version (pyproject.toml takes it from nf4_explorer.__version__),
+    read without importing torch."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -45,7 +45,7 @@ _SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def problem_text(entry: dict, short: bool = False) -> str:
-    m = f"M={entry['m_bucket']} " if entry.get("family") == "linear" else ""
+    m = f"M={entry['m_bucket']} " if tuning.entry_family(entry) == "linear" else ""
     shape = "x".join(map(str, entry["shape"]))
     if short:
         dq = "" if entry["double_quant"] else " f32abs"
@@ -87,7 +87,7 @@ def rows(doc: dict) -> list[dict]:
         runner = min(timed.items(), key=lambda kv: kv[1], default=None)
         time_us = entry.get("time_us")
         out.append({
-            "problem": problem_text(entry), "short": problem_text(entry, short=True), "family": entry.get("family", "dequantize"),
+            "problem": problem_text(entry), "short": problem_text(entry, short=True), "family": tuning.entry_family(entry),
             "variant": entry["variant"], "config": entry["config"], "time_us": time_us,
             "gbps": entry.get("gbps"), "pct_of_copy": entry.get("pct_of_copy"),
             "runner_up": runner[0] if runner else None,
@@ -155,7 +155,7 @@ def plot(docs: list[dict], path: Path) -> None:
 
     panels = []
     for doc in docs:
-        entries = [e for e in doc["entries"] if tuning.entry_malformed(e) is None and e.get("family", "dequantize") == "dequantize"]
+        entries = [e for e in doc["entries"] if tuning.entry_malformed(e) is None and tuning.entry_family(e) == "dequantize"]
         entries.sort(key=lambda e: (problem(e).bytes_moved(), e["out_dtype"]))  # by size
         names = sorted({e["variant"] for e in entries} | {n for e in entries for n in e.get("others", {})})
         series = {}

@@ -143,13 +143,9 @@ def validate_document(doc: Any) -> list[str]:
     return problems
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def entry_malformed(entry: Any) -> str | None:
     """What is wrong with an entry's fields and their types (None when they are well formed)."""
-    from ._format import BLOCKSIZES, QUANT_TYPES
+    from ._format import BLOCKSIZES, QUANT_TYPES, _is_int
 
     if not isinstance(entry, dict):
         return "not an object"
@@ -166,12 +162,12 @@ def entry_malformed(entry: Any) -> str | None:
          "a list of positive integers"),
         ("variant", isinstance(entry["variant"], str), "a variant's name"),
         ("config", isinstance(entry["config"], dict), "an object of parameters"),
-        ("family", entry.get("family", "dequantize") in ("dequantize", "linear"), "dequantize or linear"),
+        ("family", entry_family(entry) in ("dequantize", "linear"), "dequantize or linear"),
     )
     for field, ok, expected in checks:
         if not ok:
             return f"{field} is {entry[field]!r}, expected {expected}"
-    if entry.get("family") == "linear":
+    if entry_family(entry) == "linear":
         if not (_is_int(entry.get("m_bucket")) and entry["m_bucket"] > 0):
             return f"m_bucket is {entry.get('m_bucket')!r}, expected a positive integer"
         if len(entry["shape"]) != 2:

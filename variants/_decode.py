@@ -105,13 +105,20 @@ def dequantize_codes(
 
 
 @triton.jit
-def to_output(values, out_ptr):
-    """Casts float32 ``values`` to the output dtype once, rounding to nearest even."""
-    if INTERPRETER and out_ptr.dtype.element_ty == tl.bfloat16:
+def round_to(values, DTYPE: tl.constexpr):
+    """Casts float32 ``values`` to ``DTYPE`` once, rounding to nearest even (also in the interpreter,
+    which truncates to bfloat16)."""
+    if INTERPRETER and DTYPE == tl.bfloat16:
         bits = values.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return values.to(out_ptr.dtype.element_ty)
+    return values.to(DTYPE)
+
+
+@triton.jit
+def to_output(values, out_ptr):
+    """Casts float32 ``values`` to ``out_ptr``'s dtype once, rounding to nearest even."""
+    return round_to(values, out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -124,73 +131,19 @@ def element_codes(packed_ptr, idx, mask):
 
 
 @triton.jit
-def round_to(values, DTYPE: tl.constexpr):
-    """Casts float32 ``values`` to ``DTYPE`` once, rounding to nearest even (also in the interpreter,
-    which truncates to bfloat16)."""
-    if INTERPRETER and DTYPE == tl.bfloat16:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return values.to(DTYPE)
-
-
-@triton.jit
-def weight_tile_codes(packed_ptr, rows, row_mask, k_start, K, BLOCK_K: tl.constexpr):
-    """The 4-bit codes [len(rows), BLOCK_K] (int32) of weight rows ``rows``, columns k_start ..
-    k_start + BLOCK_K, read as 32-bit words (a row of K % 8 == 0 codes starts on a word). Codes
-    past K read as 0; the caller masks what they multiply."""
-    BLOCK_N: tl.constexpr = rows.shape[0]
-    words_per_row = K // 8
-    col_words = k_start // 8 + tl.arange(0, BLOCK_K // 8)
-    word = rows.to(tl.int64)[:, None] * words_per_row + col_words[None, :]
-    mask = row_mask[:, None] & (col_words < words_per_row)[None, :]
-    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + word, mask=mask, other=0)
-    # Element j of a word: byte j // 2 (little-endian), high nibble first.
-    j = tl.arange(0, 8)
-    shifts = (j // 2) * 8 + (1 - j % 2) * 4
-    codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def weight_tile_absmax(
-    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_mask, k_start, K,
-    BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-):
-    """float32 absmax [len(rows), BLOCK_K // SUB] of a weight tile whose rows hold whole blocks
-    (K % BLOCKSIZE == 0), SUB = min(BLOCK_K, BLOCKSIZE): one value per SUB columns."""
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
-    cols = k_start + tl.arange(0, BLOCK_K // SUB) * SUB
-    block = rows.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :]
-    mask = row_mask[:, None] & (cols < K)[None, :]
-    return load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, 0, NESTED_BLOCKSIZE,
-                       DOUBLE_QUANT, False)
-
-
-@triton.jit
 def weight_tile(
     packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, rows, row_mask, k_start, K,
     BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr, K_IN_BLOCKS: tl.constexpr,
-    WEIGHT_DTYPE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
 ):
-    """The dequantized weight tile [len(rows), BLOCK_K] in WEIGHT_DTYPE, bit-identical to what
-    dequantize writes for those elements (0 past K)."""
-    BLOCK_N: tl.constexpr = rows.shape[0]
+    """The dequantized weight tile [len(rows), BLOCK_K] in WEIGHT_DTYPE, decoded element by element
+    (for any K: rows may straddle quantization blocks), bit-identical to what dequantize writes for
+    those elements (0 past K)."""
     cols = k_start + tl.arange(0, BLOCK_K)
-    if K_IN_BLOCKS:
-        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
-        codes = weight_tile_codes(packed_ptr, rows, row_mask, k_start, K, BLOCK_K)
-        absmax = weight_tile_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_mask, k_start, K,
-                                    BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        values = tl.reshape(decode_code(codes, table_ptr, QUANT_TYPE, TABLE_IN_REGISTERS), (BLOCK_N, BLOCK_K // SUB, SUB))
-        values = tl.reshape(values * absmax[:, :, None], (BLOCK_N, BLOCK_K))
-    else:
-        idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        values = dequantize_codes(element_codes(packed_ptr, idx, mask), idx // BLOCKSIZE, mask, absmax_ptr, code2_ptr,
-                                  absmax2_ptr, offset_ptr, table_ptr, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT,
-                                  TABLE_IN_REGISTERS)
+    idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    values = dequantize_codes(element_codes(packed_ptr, idx, mask), idx // BLOCKSIZE, mask, absmax_ptr, code2_ptr,
+                              absmax2_ptr, offset_ptr, table_ptr, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, False)
     return round_to(tl.where((cols < K)[None, :], values, 0.0), WEIGHT_DTYPE)
 
 

@@ -77,7 +77,7 @@ def _device_entries(device: torch.device) -> tuple[str, list[dict]]:
 
 
 def _same_format(entry: dict, weight, dtype_name: str, family: str) -> bool:
-    return (entry.get("family", "dequantize") == family and entry["quant_type"] == weight.quant_type
+    return (_cache.entry_family(entry) == family and entry["quant_type"] == weight.quant_type
             and entry["blocksize"] == weight.blocksize and entry["double_quant"] == weight.double_quant
             and entry["out_dtype"] == dtype_name)
 
@@ -168,11 +168,14 @@ def _decide(args, family: str) -> tuple[Choice, "_registry.Variant"]:
     chosen = _registry.get(choice.variant)
     refusal = chosen.accepts(args)
     if refusal is not None:
-        fallback = _registry.get(LINEAR_FALLBACK if family == "linear" else DEFAULT_VARIANT)
-        choice = Choice(fallback.name, fallback.default_config(args.blocksize), "default",
-                        detail=f"{choice.variant} cannot take this problem: {refusal}")
-        chosen = fallback
+        return _fallback(args, family, f"{choice.variant} cannot take this problem: {refusal}")
     return choice, chosen
+
+
+def _fallback(args, family: str, why: str) -> tuple[Choice, "_registry.Variant"]:
+    """The family's built-in default, which takes every problem, with why it replaced the choice."""
+    variant = _registry.get(LINEAR_FALLBACK if family == "linear" else DEFAULT_VARIANT)
+    return Choice(variant.name, variant.default_config(args.blocksize), "default", detail=why), variant
 
 
 def _run(args, family: str, choice: Choice, chosen: "_registry.Variant") -> None:
@@ -184,10 +187,8 @@ def _run(args, family: str, choice: Choice, chosen: "_registry.Variant") -> None
     except Exception as exc:
         if not choice.reason.startswith("tuned"):
             raise
-        fallback = _registry.get(LINEAR_FALLBACK if family == "linear" else DEFAULT_VARIANT)
-        default = Choice(fallback.name, fallback.default_config(args.blocksize), "default",
-                         detail=f"tuned {choice.variant} failed here: {type(exc).__name__}")
-        _memo[_problem_key(args, family)] = (default, fallback)
+        default, fallback = _memo[_problem_key(args, family)] = _fallback(
+            args, family, f"tuned {choice.variant} failed here: {type(exc).__name__}")
         warnings.warn(f"nf4-explorer: the tuned {choice.variant} {dict(choice.config)} from {choice.source} failed "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); using the "
                       f"built-in default for this problem. Re-run `nf4-explorer tune`.", RuntimeWarning, stacklevel=3)
@@ -207,6 +208,13 @@ def dequantize_eager(packed: torch.Tensor, state: Any, *, out: torch.Tensor | No
     """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract)."""
     args = prepare(packed, state, out)
     _run(args, "dequantize", *_resolve(args, "dequantize", variant, config))
+    return args.out
+
+
+def dequantize_prepared(args) -> torch.Tensor:
+    """Dequantizes an already validated problem (``DequantArgs`` with its ``out``) through the
+    dispatcher: for a caller that validated the weight once already (linear_dequantize)."""
+    _run(args, "dequantize", *_resolve(args, "dequantize", None, None))
     return args.out
 
 

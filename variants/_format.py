@@ -225,6 +225,18 @@ def nested_tensors(state: Any, device: torch.device) -> tuple:
     return state2.code, state2.absmax, offset, int(state2.blocksize)
 
 
+def state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize: int, nested_blocksize: int,
+                       quant_type: str, double_quant: bool) -> QuantState:
+    """The QuantState of a weight given as its tensors and scalars (the inverse of
+    :func:`nested_tensors`; the custom ops and bitsandbytes' gemm_4bit op pass a state this way)."""
+    state2 = None
+    if double_quant:
+        state2 = QuantState(absmax=absmax2, shape=absmax2.shape, dtype=torch.float32, blocksize=nested_blocksize,
+                            code=code2)
+    return QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                      quant_type=quant_type, offset=offset if double_quant else None, state2=state2)
+
+
 def _raise_device_mismatch(device, absmax, code2, absmax2, offset, out):
     named = {"state.absmax": absmax, "state.state2.code": code2, "state.state2.absmax": absmax2,
              "state.offset": offset, "out": out}

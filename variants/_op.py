@@ -16,16 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import dequantize_eager, linear_eager
-from ._format import QuantState, nested_tensors
-
-
-def _state(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type, double_quant):
-    state2 = None
-    if double_quant:
-        state2 = QuantState(absmax=absmax2, shape=absmax2.shape, dtype=torch.float32, blocksize=nested_blocksize,
-                            code=code2)
-    return QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                      quant_type=quant_type, offset=offset if double_quant else None, state2=state2)
+from ._format import nested_tensors, state_from_tensors
 
 
 def _state_arguments(packed: torch.Tensor, state) -> tuple:
@@ -40,7 +31,8 @@ def dequantize_op(
     shape: list[int], dtype: torch.dtype, blocksize: int, nested_blocksize: int, quant_type: str,
     double_quant: bool,
 ) -> torch.Tensor:
-    state = _state(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type, double_quant)
+    state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type,
+                               double_quant)
     return dequantize_eager(packed, state)
 
 
@@ -60,7 +52,8 @@ def linear_op(
     absmax2: torch.Tensor, offset: torch.Tensor, shape: list[int], dtype: torch.dtype, blocksize: int,
     nested_blocksize: int, quant_type: str, double_quant: bool,
 ) -> torch.Tensor:
-    state = _state(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type, double_quant)
+    state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type,
+                               double_quant)
     return linear_eager(x, packed, state, bias)
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ._api import dequantize
 from ._dispatch import linear_eager
-from ._format import QuantState, interpreter_enabled
+from ._format import interpreter_enabled, state_from_tensors
 
 _ACTIVE = [None]  # the patch in force (one at a time)
 
@@ -112,13 +112,11 @@ def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8b
     """``bitsandbytes::gemm_4bit`` through ``nf4_explorer.linear``: A [..., K] times the packed
     [N, K] weight B, decoded in A's dtype as bitsandbytes does. With double quantization the op gets
     the nested absmax as ``absmax`` and the uint8 codes as ``absmax_8bit``."""
-    shape = torch.Size(shapeB)
-    if absmax_8bit is not None:
-        nested = QuantState(absmax=absmax, shape=absmax.shape, dtype=torch.float32, blocksize=256, code=absmax_code)
-        state = QuantState(absmax=absmax_8bit, shape=shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
-                           offset=absmax_offset, state2=nested)
+    if absmax_8bit is not None:  # bitsandbytes' double quantization: nested blocks of 256
+        state = state_from_tensors(absmax_8bit, absmax_code, absmax, absmax_offset, shapeB, A.dtype, blocksize, 256,
+                                   quant_type, True)
     else:
-        state = QuantState(absmax=absmax, shape=shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type)
+        state = state_from_tensors(absmax, None, None, None, shapeB, A.dtype, blocksize, 256, quant_type, False)
     return linear_eager(A, B, state, bias)
 
 

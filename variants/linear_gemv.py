@@ -10,7 +10,7 @@ dequantize's bits). Needs rows of whole quantization blocks (K % blocksize == 0:
 import triton
 import triton.language as tl
 
-from ._decode import byte_pair_values, round_to, weight_words, word_absmax
+from ._decode import byte_pair_values, to_output, weight_words, word_absmax
 from ._registry import Variant, register
 
 
@@ -47,7 +47,7 @@ def linear_gemv_kernel(
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
-    tl.store(out, round_to(result, out_ptr.dtype.element_ty), mask=x_mask[:, None] & w_mask[None, :])
+    tl.store(out, to_output(result, out_ptr), mask=x_mask[:, None] & w_mask[None, :])
 
 
 def _grid(args, config):

@@ -9,7 +9,7 @@ order groups GROUP_M tiles along M so that neighbouring programs share weight ti
 import triton
 import triton.language as tl
 
-from ._decode import byte_pair_values, dot, round_to, weight_tile, weight_words, word_absmax
+from ._decode import byte_pair_values, dot, round_to, to_output, weight_tile, weight_words, word_absmax
 from ._registry import Variant, register
 
 
@@ -59,13 +59,12 @@ def linear_tiled_kernel(
             cols = k_start + tl.arange(0, 8 * WORDS)
             x = tl.load(x_rows + cols[None, :], mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
             w = weight_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, rows_w, w_mask,
-                            k_start, K, 8 * WORDS, BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT,
-                            False, False, WEIGHT_DTYPE)
+                            k_start, K, 8 * WORDS, BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, WEIGHT_DTYPE)
             acc = dot(x, tl.trans(w.to(x_dtype)), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
-    tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=x_mask[:, None] & w_mask[None, :])
+    tl.store(out, to_output(acc, out_ptr), mask=x_mask[:, None] & w_mask[None, :])
 
 
 def _grid(args, config):
