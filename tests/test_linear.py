@@ -226,3 +226,40 @@ def test_a_variant_that_declines_is_skipped_by_the_dispatcher(monkeypatch, devic
     assert choice.variant == "linear_dequantize" and "linear_bitsandbytes cannot take this problem" in choice.detail
     expected = torch.nn.functional.linear(x, nf4_explorer.dequantize(packed, state).to(x.dtype))
     assert_bit_equal(nf4_explorer.linear(x, packed, state), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_register_lut_decode_equals_its_table(quant_type, dtype):
+    """The PTX register LUT (prmt) gives exactly the values of its table section, for every code
+    in every position of a word, both as float32 codes and as absmax-scaled 16-bit weights."""
+    import triton
+    import triton.language as tl
+
+    from nf4_explorer import _decode, _format
+
+    @triton.jit
+    def decode(words_ptr, absmax_ptr, table_ptr, values_ptr, weights_ptr, n, DTYPE: tl.constexpr, PTX: tl.constexpr):
+        i = tl.arange(0, 1024)
+        words = tl.load(words_ptr + i, mask=i < n, other=0)
+        absmax = tl.load(absmax_ptr + i, mask=i < n, other=0.0)
+        values = _decode.lut_values(words, table_ptr, DTYPE, PTX)
+        weights = _decode.lut_weights(words, absmax, table_ptr, DTYPE, PTX)
+        for j in tl.static_range(8):
+            tl.store(values_ptr + i * 8 + j, values[j], mask=i < n)
+            tl.store(weights_ptr + i * 8 + j, weights[j], mask=i < n)
+
+    words = torch.randint(-2**31, 2**31 - 1, (1000,), dtype=torch.int32, device="cuda")
+    words[:16] = torch.arange(16, dtype=torch.int32, device="cuda") * 0x11111111  # every code everywhere
+    absmax = torch.rand(1000, device="cuda") * 4
+    table = _format.device_pair_table(quant_type, torch.device("cuda"))
+    tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    results = []
+    for ptx in (True, False):
+        values = torch.full((1000 * 8,), float("nan"), device="cuda")
+        weights = torch.full((1000 * 8,), float("nan"), dtype=dtype, device="cuda")
+        decode[(1,)](words, absmax, table, values, weights, 1000, tl_dtype, ptx)
+        results.append((values, weights))
+    assert_bit_equal(results[0][0], results[1][0], "lut_values")
+    assert_bit_equal(results[0][1], results[1][1], "lut_weights")

@@ -58,7 +58,8 @@ def compile_config(
     if variant.family == "linear":
         import triton.language as tl
 
-        constexprs.update(HAS_BIAS=True, WEIGHT_DTYPE=getattr(tl, out_dtype), K_IN_BLOCKS=True)
+        constexprs.update(HAS_BIAS=True, WEIGHT_DTYPE=getattr(tl, out_dtype), K_IN_BLOCKS=True,
+                          PTX=target.backend == "cuda")
     attrs = {}
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}

@@ -10,7 +10,7 @@ Exactness rules (bitsandbytes 0.50, bit for bit):
 import triton
 import triton.language as tl
 
-from ._format import FP4_TABLE, NF4_TABLE, QUANT_TYPE_IDS, interpreter_enabled
+from ._format import FP4_TABLE, LUT_OFFSET, LUT_STRIDE, NF4_TABLE, QUANT_TYPE_IDS, interpreter_enabled
 
 # Triton's interpreter casts float32 to bfloat16 by truncation (triton 3.6 runtime/interpreter.py
 # _convert_float), while GPUs round to nearest even (cvt.rn.bf16.f32) as bitsandbytes does. Under
@@ -194,3 +194,127 @@ def byte_pair_values(words, BYTE: tl.constexpr, table_ptr):
     even = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     odd = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     return even, odd
+
+
+# The LUT decode: 8 codes of a packed 32-bit word looked up in registers with PTX ``prmt`` (byte
+# permute), the 16-entry table held as byte planes (see _format.LUT_KINDS). For each half-word
+# (4 codes) and each byte plane: one prmt picks from codes 0-7, one from codes 8-15 (on the low
+# 3 bits of each code), one picks between them on bit 3: ~3 int32 operations per code in all,
+# where a 4-level tree of selects costs 15. Nibble order: byte b of a word holds elements 2b (high
+# nibble) and 2b + 1 (low nibble), so a half-word's bytes come out as elements 1, 0, 3, 2.
+_LUT_SELECT = """
+and.b32 s, $8, 0x77777777;
+shr.u32 t, $8, 1;
+and.b32 t, t, 0x44444444;
+or.b32 t, t, 0x32103210;
+"""
+_LUT_HALF = """
+prmt.b32 a, {l0}, {l1}, s;
+prmt.b32 b, {l2}, {l3}, s;
+prmt.b32 lo, a, b, t;
+prmt.b32 a, {h0}, {h1}, s;
+prmt.b32 b, {h2}, {h3}, s;
+prmt.b32 hi, a, b, t;
+"""
+_LUT_NEXT_HALF = "shr.u32 s, s, 16;\nshr.u32 t, t, 16;\n"
+
+
+def _lut_asm(planes_at: int, body: str, registers: str) -> str:
+    """The asm of one word: selectors, then per half-word the plane lookups and ``body`` (which
+    turns lo/hi into the half's four elements; {e1} {e0} {e3} {e2} are its output operands)."""
+    names = dict(zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), (f"${planes_at + i}" for i in range(8))))
+    halves = [_LUT_HALF.format(**names) + body.format(e1=f"${1 + o}", e0=f"${o}", e3=f"${3 + o}", e2=f"${2 + o}")
+              for o in (0, 4)]
+    return "{\n.reg .b32 s, t, a, b, lo, hi;\n" + registers + _LUT_SELECT + halves[0] + _LUT_NEXT_HALF + halves[1] + "}"
+
+
+# float32 from bfloat16 planes: [sign fill, sign fill, low byte, high byte] per element.
+_LUT_BF16_TO_F32 = _lut_asm(9, """
+prmt.b32 {e1}, lo, hi, 0x40CC;
+prmt.b32 {e0}, lo, hi, 0x51DD;
+prmt.b32 {e3}, lo, hi, 0x62EE;
+prmt.b32 {e2}, lo, hi, 0x73FF;
+""", "")
+# float32 from float16 planes: pairs interleaved into f16x2, then widened.
+_LUT_F16_TO_F32 = _lut_asm(9, """
+prmt.b32 p, lo, hi, 0x5140;
+mov.b32 {{x, y}}, p;
+cvt.f32.f16 {e1}, x;
+cvt.f32.f16 {e0}, y;
+prmt.b32 p, lo, hi, 0x7362;
+mov.b32 {{x, y}}, p;
+cvt.f32.f16 {e3}, x;
+cvt.f32.f16 {e2}, y;
+""", ".reg .b32 p;\n.reg .b16 x, y;\n")
+# 16-bit weights: pairs interleaved, then times the word's absmax ($9, float32) rounded to the
+# same type (one rounding of the exact product: fma with -0.0).
+_LUT_WEIGHTS = """
+prmt.b32 p, lo, hi, 0x5140;
+fma.rn.{t}x2 p, p, scale, nzero;
+mov.b32 {{{{{{e1}}, {{e0}}}}}}, p;
+prmt.b32 p, lo, hi, 0x7362;
+fma.rn.{t}x2 p, p, scale, nzero;
+mov.b32 {{{{{{e3}}, {{e2}}}}}}, p;
+"""
+_LUT_SCALE = ".reg .b32 p, scale, nzero;\ncvt.rn.{t}x2.f32 scale, $9, $9;\nmov.b32 nzero, 0x80008000;\n"
+_LUT_BF16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="bf16"), _LUT_SCALE.format(t="bf16"))
+_LUT_F16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="f16"), _LUT_SCALE.format(t="f16"))
+# As compile-time constants for the kernels.
+_LUT_BF16_TO_F32, _LUT_F16_TO_F32, _LUT_BF16_WEIGHTS, _LUT_F16_WEIGHTS = (
+    tl.constexpr(a) for a in (_LUT_BF16_TO_F32, _LUT_F16_TO_F32, _LUT_BF16_WEIGHTS, _LUT_F16_WEIGHTS))
+_LUT_OFFSET = tl.constexpr(LUT_OFFSET)
+_LUT_STRIDE = tl.constexpr(LUT_STRIDE)
+
+
+@triton.jit
+def _lut_planes(table_ptr, KIND: tl.constexpr):
+    planes = table_ptr.to(tl.pointer_type(tl.int32)) + _LUT_OFFSET + KIND * _LUT_STRIDE
+    return (tl.load(planes), tl.load(planes + 1), tl.load(planes + 2), tl.load(planes + 3),
+            tl.load(planes + 4), tl.load(planes + 5), tl.load(planes + 6), tl.load(planes + 7))
+
+
+@triton.jit
+def _lut_fallback(words, table_ptr, KIND: tl.constexpr):
+    """The same 8 float32 values by gathers from the section's value list (no PTX)."""
+    values = table_ptr + _LUT_OFFSET + KIND * _LUT_STRIDE + 8
+    return (tl.load(values + ((words >> 4) & 15)), tl.load(values + (words & 15)),
+            tl.load(values + ((words >> 12) & 15)), tl.load(values + ((words >> 8) & 15)),
+            tl.load(values + ((words >> 20) & 15)), tl.load(values + ((words >> 16) & 15)),
+            tl.load(values + ((words >> 28) & 15)), tl.load(values + ((words >> 24) & 15)))
+
+
+@triton.jit
+def lut_values(words, table_ptr, X_DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """The 8 codes of every packed int32 word as float32 values on the 16-bit grid of X_DTYPE
+    (bfloat16: within 2^-16 ulp of the bfloat16 code; float16: the float16 code): elements
+    0..7 of the word, each a tensor of words' shape. PTX: the register LUT, else gathers."""
+    KIND: tl.constexpr = 1 if X_DTYPE == tl.float16 else 0
+    if PTX:
+        l0, l1, l2, l3, h0, h1, h2, h3 = _lut_planes(table_ptr, KIND)
+        asm: tl.constexpr = _LUT_F16_TO_F32 if KIND == 1 else _LUT_BF16_TO_F32
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return _lut_fallback(words, table_ptr, KIND)
+
+
+@triton.jit
+def lut_weights(words, absmax, table_ptr, DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """The 8 weights of every packed int32 word in DTYPE (bfloat16 or float16): the code in DTYPE
+    times the word's float32 ``absmax`` rounded to DTYPE, rounded once (a 16-bit weight within
+    the linear family's tolerance, not dequantize's bits). Elements 0..7 of the word."""
+    KIND: tl.constexpr = 1 if DTYPE == tl.float16 else 2
+    if PTX:
+        l0, l1, l2, l3, h0, h1, h2, h3 = _lut_planes(table_ptr, KIND)
+        if KIND == 1:
+            return tl.inline_asm_elementwise(
+                _LUT_F16_WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+                [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            _LUT_BF16_WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+            [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    scale = round_to(absmax, DTYPE).to(tl.float32)
+    e0, e1, e2, e3, e4, e5, e6, e7 = _lut_fallback(words, table_ptr, KIND)
+    return (round_to(e0 * scale, DTYPE), round_to(e1 * scale, DTYPE), round_to(e2 * scale, DTYPE),
+            round_to(e3 * scale, DTYPE), round_to(e4 * scale, DTYPE), round_to(e5 * scale, DTYPE),
+            round_to(e6 * scale, DTYPE), round_to(e7 * scale, DTYPE))

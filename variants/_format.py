@@ -133,17 +133,50 @@ def device_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return table
 
 
+# The register lookup tables of the LUT decode (``_decode.lut_values``) follow the 16 values and
+# the 256 byte pairs in the linear family's table, one section per LUT_KINDS entry: 8 int32 words
+# (the low and the high bytes of the 16 codes as 16-bit floats, four per word, for PTX ``prmt``)
+# then the 16 float32 values that decode gives (read by the same kernels where PTX does not run).
+LUT_OFFSET = 16 + 512
+LUT_STRIDE = 24
+# "bf16 to f32": bfloat16 codes widened to float32 by placing the two bytes on top of two bytes
+# that repeat the sign (0x00 / 0xFF); a negative code is stored one ulp smaller in magnitude, so
+# that the 0xFFFF below it brings it back to within 2^-16 ulp of its bfloat16 value.
+LUT_KINDS = ("bf16 to f32", "f16", "bf16")
+
+
+def _lut_section(values: torch.Tensor, kind: str) -> torch.Tensor:
+    dtype = torch.float16 if kind == "f16" else torch.bfloat16
+    bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    if kind == "bf16 to f32":
+        magnitude = bits & 0x7FFF
+        bits = torch.where(magnitude == 0, 0, torch.where(bits >= 0x8000, bits - 1, bits))
+        high = bits >> 8
+        fill = torch.where(high >= 0x80, 0xFFFF, 0)
+        decoded = ((bits << 16) | fill).to(torch.int32).view(torch.float32)
+    else:
+        decoded = bits.to(torch.int16).view(dtype).to(torch.float32)
+
+    def words(plane):
+        plane = plane.view(4, 4)
+        return (plane[:, 0] | plane[:, 1] << 8 | plane[:, 2] << 16 | plane[:, 3] << 24).to(torch.int32)
+
+    planes = torch.cat((words(bits & 0xFF), words(bits >> 8)))
+    return torch.cat((planes.view(torch.float32), decoded))
+
+
 def device_pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """The linear family's float32 table on ``device`` (cached): the 16 values, then for every byte
     b the pair (value of its high nibble, value of its low nibble) at [16 + 2b, 16 + 2b + 1], so
-    one 64-bit load decodes two elements."""
+    one 64-bit load decodes two elements; then the LUT sections (LUT_OFFSET, LUT_STRIDE)."""
     key = ("pairs", quant_type, device)
     table = _TABLES_ON_DEVICE.get(key)
     if table is None:
         values = torch.tensor(TABLES[quant_type], dtype=torch.float32)
         byte = torch.arange(256)
         pairs = torch.stack((values[byte >> 4], values[byte & 15]), dim=1).reshape(-1)
-        table = _TABLES_ON_DEVICE[key] = torch.cat((values, pairs)).to(device)
+        luts = [_lut_section(values, kind) for kind in LUT_KINDS]
+        table = _TABLES_ON_DEVICE[key] = torch.cat((values, pairs, *luts)).to(device)
     return table
 
 

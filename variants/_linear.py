@@ -9,14 +9,16 @@ Kernel interface of the family (one launcher serves every kernel, see ``_launch.
 
     kernel[grid](x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
                  M, N, K,
-                 BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, HAS_BIAS, WEIGHT_DTYPE, K_IN_BLOCKS,
+                 BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPE, DOUBLE_QUANT, HAS_BIAS, WEIGHT_DTYPE, K_IN_BLOCKS, PTX,
                  <the variant's own constexprs>)
 
 ``x`` is seen as a contiguous [M, K] matrix and ``out`` as [M, N]; ``table_ptr`` holds the 16 values
 then the 256 byte pairs (``_format.device_pair_table``); ``WEIGHT_DTYPE`` is the state's
 dtype (a fused kernel that rounds its decoded weight rounds it there first, as dequantize does);
 ``K_IN_BLOCKS`` says K is a multiple of the blocksize, so a weight row holds whole quantization
-blocks (every LLM shape): kernels then read absmax once per block instead of once per element.
+blocks (every LLM shape): kernels then read absmax once per block instead of once per element;
+``PTX`` says the kernel runs on an NVIDIA GPU (not the interpreter, not ROCm), where inline PTX
+(the register LUT decode) is available.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ from typing import Any
 import torch
 import triton.language as tl
 
-from ._format import OUT_DTYPES, DequantArgs, device_pair_table, prepare, problem_constexprs
+from ._format import OUT_DTYPES, DequantArgs, device_pair_table, interpreter_enabled, prepare, problem_constexprs
 
 # M buckets of the tuned file: a problem with M rows of x uses the entry of the smallest bucket >= M.
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def runs_ptx(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use inline PTX: an NVIDIA GPU, not Triton's interpreter."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreter_enabled()
 
 
 def m_bucket(m: int) -> int:
@@ -77,7 +84,7 @@ class LinearArgs:
         w = self.weight
         constexprs = problem_constexprs(w.blocksize, w.nested_blocksize, w.quant_type, w.double_quant)
         constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
-                          K_IN_BLOCKS=self.k % w.blocksize == 0)
+                          K_IN_BLOCKS=self.k % w.blocksize == 0, PTX=runs_ptx(self.device))
         return KernelArguments(
             [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_pair_table(w.quant_type, self.device),
              self.bias if self.bias is not None else self.x2d, self.out, self.m, self.n, self.k],

@@ -1,16 +1,21 @@
 """linear_gemv: a fused 4-bit GEMV for the smallest M (decoding). Each program owns BLOCK_N weight
-rows and BLOCK_M rows of x and walks K in steps of WORDS 32-bit packed words. At M = 1 the kernel must decode a weight
-at the memory's pace (58.7 M codes in ~7 µs on an H200), which leaves a few operations per code:
-each byte is decoded by one 64-bit load of a (high, low) value pair from a 256-entry table (a tree
-of selects costs ~15 operations per code), the products are float32 multiply-adds on the CUDA cores
-(no tensor-core tile to fill at M = 1), and the absmax multiplies each word's partial sum once, not
-each element. The weight is therefore never rounded to 16 bits (the fused family's tolerance, not
-dequantize's bits). Needs rows of whole quantization blocks (K % blocksize == 0: every LLM shape)."""
+rows and BLOCK_M rows of x and walks K in steps of WORDS packed 32-bit words. At M = 1 the kernel
+must decode the weight at the memory's pace (58.7 M codes in ~7 µs on an H200), which leaves
+about four instructions per code (half of them int32, which runs at half the float32 rate):
+
+- codes are looked up in registers with PTX ``prmt`` (``_decode.lut_values``: ~3 int32
+  operations a code, against 15 for a tree of selects or a gather per byte from L1);
+- the products are float32 multiply-adds on the CUDA cores (no tensor-core tile to fill at M = 1)
+  with the codes on x's 16-bit grid (the fused family's tolerance, not dequantize's bits);
+- a word holds 8 codes of one quantization block, so partial sums are summed per block and the
+  absmax multiplies once per block, not once per code.
+
+Needs rows of whole quantization blocks (K % blocksize == 0: every LLM shape) and a 16-bit x."""
 
 import triton
 import triton.language as tl
 
-from ._decode import byte_pair_values, to_output, weight_words, word_absmax
+from ._decode import load_absmax, lut_values, to_output
 from ._registry import Variant, register
 
 
@@ -19,30 +24,52 @@ def linear_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
     M, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
 ):
+    # A step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words (one block of
+    # PER_BLOCK = WORDS words where a block is longer than a step).
+    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
+    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
     rows_w = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     w_mask = rows_w < N
     x_mask = rows_x < M
-    x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * K
-    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-    for k_start in range(0, K, 8 * WORDS):
-        words = weight_words(packed_ptr, rows_w, w_mask, k_start, K, WORDS)  # [BLOCK_N, WORDS]
-        cols = k_start + tl.arange(0, WORDS) * 8  # first column of each word
-        x_word_mask = x_mask[:, None] & (cols < K)[None, :]
-        # No reshapes (they cost layout shuffles): element j of every word at once, with x's
-        # column j of every word (a strided load of the small, cached x tile).
-        partial = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        for byte in tl.static_range(4):
-            even, odd = byte_pair_values(words, byte, table_ptr)
-            x_even = tl.load(x_rows + cols[None, :] + 2 * byte, mask=x_word_mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_rows + cols[None, :] + 2 * byte + 1, mask=x_word_mask, other=0.0).to(tl.float32)
-            partial += x_even[:, None, :] * even[None, :, :] + x_odd[:, None, :] * odd[None, :, :]
-        absmax = word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows_w, w_mask, k_start, K, WORDS,
-                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        acc += partial * absmax[None, :, :]
+    words_per_row = tl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
+    w_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_w.to(tl.int64)[:, None] * words_per_row
+    x_rows = x_ptr + rows_x.to(tl.int64)[:, None, None] * K
+    block_rows = rows_w.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKS), dtype=tl.float32)
+    for word_start in range(0, words_per_row, WORDS):
+        col_words = word_start + tl.arange(0, WORDS)
+        in_k = col_words < words_per_row
+        words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
+        e0, e1, e2, e3, e4, e5, e6, e7 = lut_values(words, table_ptr, x_ptr.dtype.element_ty, PTX)
+        # x's 8 columns of every word in one 16-byte load, split into column j of every word,
+        # [BLOCK_M, WORDS] each (0 past K or M).
+        x = tl.load(x_rows + (col_words * 8)[None, :, None] + tl.arange(0, 8)[None, None, :],
+                    mask=x_mask[:, None, None] & in_k[None, :, None], other=0.0).to(tl.float32)
+        # split takes the last axis: j = 4a + 2b + c is split on c, then b, then a.
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, WORDS, 2, 2, 2)))
+        x04, x26 = tl.split(x_even)
+        x15, x37 = tl.split(x_odd)
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        part = x0[:, None, :] * e0[None, :, :]
+        part = tl.fma(x1[:, None, :], e1[None, :, :], part)
+        part = tl.fma(x2[:, None, :], e2[None, :, :], part)
+        part = tl.fma(x3[:, None, :], e3[None, :, :], part)
+        part = tl.fma(x4[:, None, :], e4[None, :, :], part)
+        part = tl.fma(x5[:, None, :], e5[None, :, :], part)
+        part = tl.fma(x6[:, None, :], e6[None, :, :], part)
+        part = tl.fma(x7[:, None, :], e7[None, :, :], part)
+        block = word_start * 8 // BLOCKSIZE + tl.arange(0, BLOCKS) * (PER_BLOCK * 8 // BLOCKSIZE)
+        block_mask = w_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
+        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], block_mask,
+                             0, NESTED_BLOCKSIZE, DOUBLE_QUANT, False)
+        acc += tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_N, BLOCKS, PER_BLOCK)), 3) * absmax[None, :, :]
     result = tl.sum(acc, 2)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
@@ -58,6 +85,9 @@ def _accepts(args):
     if args.k % args.blocksize:
         return (f"linear_gemv needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
                 f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
+    if args.dtype.itemsize != 2:
+        return (f"linear_gemv decodes codes on a 16-bit grid, within tolerance for float16/bfloat16 x only; x is "
+                f"{args.dtype}: use linear_tiled or linear_dequantize")
     return None
 
 
@@ -68,14 +98,14 @@ register(Variant(
     grid=_grid,
     space={
         "BLOCK_M": (1, 2, 4, 8),
-        "BLOCK_N": (4, 8, 16, 32, 64),
-        "WORDS": (8, 16, 32, 64),
-        "num_warps": (2, 4, 8),
+        "BLOCK_N": (1, 2, 4, 8, 16, 32),
+        "WORDS": (8, 16, 32, 64, 128, 256, 512),
+        "num_warps": (1, 2, 4, 8),
         "num_stages": (1, 2, 3),
     },
-    default={"BLOCK_M": 1, "BLOCK_N": 16, "WORDS": 32, "num_warps": 4, "num_stages": 2},
-    description="fused GEMV: byte-pair table decode, float32 multiply-adds, absmax once per word",
-    # Registers: two [BLOCK_M, BLOCK_N, WORDS] float32 accumulators are live at once.
-    allowed=lambda config, blocksize: config["BLOCK_M"] * config["BLOCK_N"] * config["WORDS"] <= 2048,
+    default={"BLOCK_M": 1, "BLOCK_N": 4, "WORDS": 64, "num_warps": 4, "num_stages": 2},
+    description="fused GEMV: register LUT decode (PTX prmt), float32 multiply-adds, absmax once per block",
+    # Registers: the [BLOCK_M, BLOCK_N, WORDS] float32 partial sums are live with the decoded codes.
+    allowed=lambda config, blocksize: config["BLOCK_M"] * config["BLOCK_N"] * config["WORDS"] <= 4096,
     accepts=_accepts,
 ))

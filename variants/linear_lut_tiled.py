@@ -1,0 +1,107 @@
+"""linear_lut_tiled: a fused 4-bit GEMM on the tensor cores for small-to-mid M. Each program owns a
+BLOCK_M x BLOCK_N tile of the output and walks K in steps of WORDS packed 32-bit words:
+
+- codes are looked up in registers with PTX ``prmt`` and scaled by their block's absmax in
+  packed 16-bit multiplies (``_decode.lut_weights``: a 16-bit weight in x's dtype, within the
+  fused family's tolerance rather than dequantize's bits);
+- the step is multiplied as 8 slices, element j of every word against x's column j of every
+  word (``tl.dot``, float32 accumulation): the same sum, with no reshape of the weight tile.
+
+The packed weight is read once per M tile and never written dequantized. Needs rows of whole
+quantization blocks (K % blocksize == 0: every LLM shape) and a 16-bit x."""
+
+import triton
+import triton.language as tl
+
+from ._decode import dot, load_absmax, lut_weights, to_output
+from ._registry import Variant, register
+
+
+@triton.jit
+def linear_lut_tiled_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+):
+    # A step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words.
+    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
+    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
+    rows_w = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    w_mask = rows_w < N
+    x_mask = rows_x < M
+    x_dtype = x_ptr.dtype.element_ty
+    words_per_row = tl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
+    w_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_w.to(tl.int64)[:, None] * words_per_row
+    x_rows = x_ptr + rows_x.to(tl.int64)[:, None, None] * K
+    block_rows = rows_w.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for word_start in range(0, words_per_row, WORDS):
+        col_words = word_start + tl.arange(0, WORDS)
+        in_k = col_words < words_per_row
+        words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
+        block = word_start * 8 // BLOCKSIZE + tl.arange(0, BLOCKS) * (PER_BLOCK * 8 // BLOCKSIZE)
+        block_mask = w_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
+        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], block_mask,
+                             0, NESTED_BLOCKSIZE, DOUBLE_QUANT, False)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCKS, PER_BLOCK)), (BLOCK_N, WORDS))
+        w0, w1, w2, w3, w4, w5, w6, w7 = lut_weights(words, absmax, table_ptr, x_dtype, PTX)
+        # x's 8 columns of every word in one 16-byte load, split into column j of every word.
+        x = tl.load(x_rows + (col_words * 8)[None, :, None] + tl.arange(0, 8)[None, None, :],
+                    mask=x_mask[:, None, None] & in_k[None, :, None], other=0.0)
+        # split takes the last axis: j = 4a + 2b + c is split on c, then b, then a.
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, WORDS, 2, 2, 2)))
+        x04, x26 = tl.split(x_even)
+        x15, x37 = tl.split(x_odd)
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        acc = dot(x0, tl.trans(w0), acc)
+        acc = dot(x1, tl.trans(w1), acc)
+        acc = dot(x2, tl.trans(w2), acc)
+        acc = dot(x3, tl.trans(w3), acc)
+        acc = dot(x4, tl.trans(w4), acc)
+        acc = dot(x5, tl.trans(w5), acc)
+        acc = dot(x6, tl.trans(w6), acc)
+        acc = dot(x7, tl.trans(w7), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
+    tl.store(out, to_output(acc, out_ptr), mask=x_mask[:, None] & w_mask[None, :])
+
+
+def _grid(args, config):
+    return (triton.cdiv(args.n, config["BLOCK_N"]), triton.cdiv(args.m, config["BLOCK_M"]))
+
+
+def _accepts(args):
+    if args.k % args.blocksize:
+        return (f"linear_lut_tiled needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
+                f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
+    if args.dtype.itemsize != 2:
+        return (f"linear_lut_tiled multiplies 16-bit weights, within tolerance for float16/bfloat16 x only; x is "
+                f"{args.dtype}: use linear_tiled or linear_dequantize")
+    return None
+
+
+register(Variant(
+    name="linear_lut_tiled",
+    family="linear",
+    kernel=linear_lut_tiled_kernel,
+    grid=_grid,
+    space={
+        "BLOCK_M": (16, 32, 64, 128),
+        "BLOCK_N": (16, 32, 64, 128),
+        "WORDS": (16, 32, 64),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1, 2, 3),
+    },
+    default={"BLOCK_M": 16, "BLOCK_N": 64, "WORDS": 32, "num_warps": 4, "num_stages": 2},
+    description="fused GEMM: register LUT decode (PTX prmt) into 16-bit weights, 8 tl.dot slices per step",
+    allowed=lambda config, blocksize: config["BLOCK_N"] * config["WORDS"] <= 4096
+    and config["BLOCK_M"] * config["WORDS"] <= 4096,
+    accepts=_accepts,
+))
