@@ -307,12 +307,14 @@ def lut_weights(words, absmax, table_ptr, DTYPE: tl.constexpr, PTX: tl.constexpr
     if PTX:
         l0, l1, l2, l3, h0, h1, h2, h3 = _lut_planes(table_ptr, KIND)
         if KIND == 1:
-            return tl.inline_asm_elementwise(
+            weights = tl.inline_asm_elementwise(
                 _LUT_F16_WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
                 [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            _LUT_BF16_WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
-            [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            weights = tl.inline_asm_elementwise(
+                _LUT_BF16_WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+                [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        return weights
     scale = round_to(absmax, DTYPE).to(tl.float32)
     e0, e1, e2, e3, e4, e5, e6, e7 = _lut_fallback(words, table_ptr, KIND)
     return (round_to(e0 * scale, DTYPE), round_to(e1 * scale, DTYPE), round_to(e2 * scale, DTYPE),

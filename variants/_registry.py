@@ -133,6 +133,17 @@ class Variant:
                        self.name)
 
 
+# Shared memory a config of the tensor-core linear variants may ask for: the x and weight tiles of
+# a step (8 * WORDS columns of 2 bytes), once per pipeline stage. 200 KiB leaves room under the
+# H100/H200's 227 KiB; the tuner skips what a smaller GPU cannot launch.
+SHARED_MEMORY_LIMIT = 200 * 1024
+
+
+def fits_shared_memory(config: Config) -> bool:
+    stage = (config["BLOCK_M"] + config["BLOCK_N"]) * 8 * config["WORDS"] * 2
+    return max(config.get("num_stages", 1), 1) * stage <= SHARED_MEMORY_LIMIT
+
+
 class VariantUnavailable(ImportError):
     """Raised by a variant module that cannot be defined with the installed Triton (the package
     then loads without it)."""

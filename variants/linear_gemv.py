@@ -98,12 +98,12 @@ register(Variant(
     grid=_grid,
     space={
         "BLOCK_M": (1, 2, 4, 8),
-        "BLOCK_N": (1, 2, 4, 8, 16, 32),
-        "WORDS": (8, 16, 32, 64, 128, 256, 512),
-        "num_warps": (1, 2, 4, 8),
-        "num_stages": (1, 2, 3),
+        "BLOCK_N": (2, 4, 8, 16),
+        "WORDS": (64, 128, 256, 512),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1,),
     },
-    default={"BLOCK_M": 1, "BLOCK_N": 4, "WORDS": 64, "num_warps": 4, "num_stages": 2},
+    default={"BLOCK_M": 1, "BLOCK_N": 4, "WORDS": 256, "num_warps": 8, "num_stages": 1},
     description="fused GEMV: register LUT decode (PTX prmt), float32 multiply-adds, absmax once per block",
     # Registers: the [BLOCK_M, BLOCK_N, WORDS] float32 partial sums are live with the decoded codes.
     allowed=lambda config, blocksize: config["BLOCK_M"] * config["BLOCK_N"] * config["WORDS"] <= 4096,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._decode import dot, load_absmax, lut_weights, to_output
-from ._registry import Variant, register
+from ._registry import Variant, fits_shared_memory, register
 
 
 @triton.jit
@@ -94,14 +94,15 @@ register(Variant(
     grid=_grid,
     space={
         "BLOCK_M": (16, 32, 64, 128),
-        "BLOCK_N": (16, 32, 64, 128),
+        "BLOCK_N": (32, 64, 128),
         "WORDS": (16, 32, 64),
-        "num_warps": (2, 4, 8),
-        "num_stages": (1, 2, 3),
+        "num_warps": (4, 8),
+        "num_stages": (1, 3),
     },
-    default={"BLOCK_M": 16, "BLOCK_N": 64, "WORDS": 32, "num_warps": 4, "num_stages": 2},
+    default={"BLOCK_M": 16, "BLOCK_N": 64, "WORDS": 32, "num_warps": 4, "num_stages": 1},
     description="fused GEMM: register LUT decode (PTX prmt) into 16-bit weights, 8 tl.dot slices per step",
-    allowed=lambda config, blocksize: config["BLOCK_N"] * config["WORDS"] <= 4096
-    and config["BLOCK_M"] * config["WORDS"] <= 4096,
+    allowed=lambda config, blocksize: (config["BLOCK_N"] * config["WORDS"] <= 4096
+                                       and config["BLOCK_M"] * config["WORDS"] <= 4096
+                                       and fits_shared_memory(config)),
     accepts=_accepts,
 ))

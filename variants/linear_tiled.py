@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._decode import byte_pair_values, dot, round_to, to_output, weight_tile, weight_words, word_absmax
-from ._registry import Variant, register
+from ._registry import Variant, fits_shared_memory, register
 
 
 @triton.jit
@@ -86,4 +86,5 @@ register(Variant(
     },
     default={"BLOCK_M": 64, "BLOCK_N": 128, "WORDS": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     description="fused GEMM: weight tile decoded in registers, tl.dot in float32, grouped tile order",
+    allowed=lambda config, blocksize: fits_shared_memory(config),
 ))
