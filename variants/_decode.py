@@ -320,3 +320,35 @@ def lut_weights(words, absmax, table_ptr, DTYPE: tl.constexpr, PTX: tl.constexpr
     return (round_to(e0 * scale, DTYPE), round_to(e1 * scale, DTYPE), round_to(e2 * scale, DTYPE),
             round_to(e3 * scale, DTYPE), round_to(e4 * scale, DTYPE), round_to(e5 * scale, DTYPE),
             round_to(e6 * scale, DTYPE), round_to(e7 * scale, DTYPE))
+
+
+@triton.jit
+def word_columns(x_rows, col_words, mask, DTYPE: tl.constexpr):
+    """x's 8 columns of every packed word ``col_words`` (rows ``x_rows`` [BLOCK_M, 1, 1] pointers):
+    one 16-byte load per word, cast to DTYPE and split into column j = 0..7 of every word,
+    [BLOCK_M, WORDS] each (0 where ``mask`` [BLOCK_M, WORDS, 1] is false)."""
+    x = tl.load(x_rows + (col_words * 8)[None, :, None] + tl.arange(0, 8)[None, None, :], mask=mask,
+                other=0.0).to(DTYPE)
+    # split takes the last axis: j = 4a + 2b + c is split on c, then b, then a.
+    x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 2, 2, 2)))
+    x04, x26 = tl.split(x_even)
+    x15, x37 = tl.split(x_odd)
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def step_absmax(
+    absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, row_mask, word_start, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCKS: tl.constexpr, PER_BLOCK: tl.constexpr,
+):
+    """float32 absmax [len(rows), BLOCKS] of a step of BLOCKS * PER_BLOCK packed words from word
+    ``word_start`` of rows holding whole blocks (``block_rows``: each row's first block, [rows, 1])."""
+    block = word_start * 8 // BLOCKSIZE + tl.arange(0, BLOCKS) * (PER_BLOCK * 8 // BLOCKSIZE)
+    mask = row_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
+    return load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], mask, 0,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT, False)

@@ -42,6 +42,18 @@ def runs_ptx(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and not interpreter_enabled()
 
 
+def lut_refusal(args: "LinearArgs", name: str, why: str) -> str | None:
+    """Why a register-LUT variant (linear_gemv, linear_lut_tiled) cannot take a problem, or None:
+    it needs rows of whole quantization blocks and a 16-bit x (``why`` it needs the latter)."""
+    if args.k % args.blocksize:
+        return (f"{name} needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
+                f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
+    if args.dtype.itemsize != 2:
+        return (f"{name} {why}, within tolerance for float16/bfloat16 x only; x is {args.dtype}: use "
+                "linear_tiled or linear_dequantize")
+    return None
+
+
 def m_bucket(m: int) -> int:
     """The M bucket of ``m`` rows: the smallest of M_BUCKETS that holds them (the last beyond it)."""
     for bucket in M_BUCKETS:

@@ -15,7 +15,8 @@ Needs rows of whole quantization blocks (K % blocksize == 0: every LLM shape) an
 import triton
 import triton.language as tl
 
-from ._decode import load_absmax, lut_values, to_output
+from ._decode import lut_values, step_absmax, to_output, word_columns
+from ._linear import lut_refusal
 from ._registry import Variant, register
 
 
@@ -45,18 +46,8 @@ def linear_gemv_kernel(
         in_k = col_words < words_per_row
         words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
         e0, e1, e2, e3, e4, e5, e6, e7 = lut_values(words, table_ptr, x_ptr.dtype.element_ty, PTX)
-        # x's 8 columns of every word in one 16-byte load, split into column j of every word,
-        # [BLOCK_M, WORDS] each (0 past K or M).
-        x = tl.load(x_rows + (col_words * 8)[None, :, None] + tl.arange(0, 8)[None, None, :],
-                    mask=x_mask[:, None, None] & in_k[None, :, None], other=0.0).to(tl.float32)
-        # split takes the last axis: j = 4a + 2b + c is split on c, then b, then a.
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, WORDS, 2, 2, 2)))
-        x04, x26 = tl.split(x_even)
-        x15, x37 = tl.split(x_odd)
-        x0, x4 = tl.split(x04)
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
+        x0, x1, x2, x3, x4, x5, x6, x7 = word_columns(x_rows, col_words, x_mask[:, None, None] & in_k[None, :, None],
+                                                      tl.float32)
         part = x0[:, None, :] * e0[None, :, :]
         part = tl.fma(x1[:, None, :], e1[None, :, :], part)
         part = tl.fma(x2[:, None, :], e2[None, :, :], part)
@@ -65,10 +56,8 @@ def linear_gemv_kernel(
         part = tl.fma(x5[:, None, :], e5[None, :, :], part)
         part = tl.fma(x6[:, None, :], e6[None, :, :], part)
         part = tl.fma(x7[:, None, :], e7[None, :, :], part)
-        block = word_start * 8 // BLOCKSIZE + tl.arange(0, BLOCKS) * (PER_BLOCK * 8 // BLOCKSIZE)
-        block_mask = w_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
-        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], block_mask,
-                             0, NESTED_BLOCKSIZE, DOUBLE_QUANT, False)
+        absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, w_mask, word_start, K,
+                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
         acc += tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_N, BLOCKS, PER_BLOCK)), 3) * absmax[None, :, :]
     result = tl.sum(acc, 2)
     if HAS_BIAS:
@@ -82,13 +71,7 @@ def _grid(args, config):
 
 
 def _accepts(args):
-    if args.k % args.blocksize:
-        return (f"linear_gemv needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
-                f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
-    if args.dtype.itemsize != 2:
-        return (f"linear_gemv decodes codes on a 16-bit grid, within tolerance for float16/bfloat16 x only; x is "
-                f"{args.dtype}: use linear_tiled or linear_dequantize")
-    return None
+    return lut_refusal(args, "linear_gemv", "decodes codes on a 16-bit grid")
 
 
 register(Variant(

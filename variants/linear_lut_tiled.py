@@ -13,7 +13,8 @@ quantization blocks (K % blocksize == 0: every LLM shape) and a 16-bit x."""
 import triton
 import triton.language as tl
 
-from ._decode import dot, load_absmax, lut_weights, to_output
+from ._decode import dot, lut_weights, step_absmax, to_output, word_columns
+from ._linear import lut_refusal
 from ._registry import Variant, fits_shared_memory, register
 
 
@@ -42,23 +43,12 @@ def linear_lut_tiled_kernel(
         col_words = word_start + tl.arange(0, WORDS)
         in_k = col_words < words_per_row
         words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
-        block = word_start * 8 // BLOCKSIZE + tl.arange(0, BLOCKS) * (PER_BLOCK * 8 // BLOCKSIZE)
-        block_mask = w_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
-        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], block_mask,
-                             0, NESTED_BLOCKSIZE, DOUBLE_QUANT, False)
+        absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, w_mask, word_start, K,
+                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
         absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCKS, PER_BLOCK)), (BLOCK_N, WORDS))
         w0, w1, w2, w3, w4, w5, w6, w7 = lut_weights(words, absmax, table_ptr, x_dtype, PTX)
-        # x's 8 columns of every word in one 16-byte load, split into column j of every word.
-        x = tl.load(x_rows + (col_words * 8)[None, :, None] + tl.arange(0, 8)[None, None, :],
-                    mask=x_mask[:, None, None] & in_k[None, :, None], other=0.0)
-        # split takes the last axis: j = 4a + 2b + c is split on c, then b, then a.
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, WORDS, 2, 2, 2)))
-        x04, x26 = tl.split(x_even)
-        x15, x37 = tl.split(x_odd)
-        x0, x4 = tl.split(x04)
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
+        x0, x1, x2, x3, x4, x5, x6, x7 = word_columns(x_rows, col_words, x_mask[:, None, None] & in_k[None, :, None],
+                                                      x_dtype)
         acc = dot(x0, tl.trans(w0), acc)
         acc = dot(x1, tl.trans(w1), acc)
         acc = dot(x2, tl.trans(w2), acc)
@@ -78,13 +68,7 @@ def _grid(args, config):
 
 
 def _accepts(args):
-    if args.k % args.blocksize:
-        return (f"linear_lut_tiled needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
-                f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
-    if args.dtype.itemsize != 2:
-        return (f"linear_lut_tiled multiplies 16-bit weights, within tolerance for float16/bfloat16 x only; x is "
-                f"{args.dtype}: use linear_tiled or linear_dequantize")
-    return None
+    return lut_refusal(args, "linear_lut_tiled", "multiplies 16-bit weights")
 
 
 register(Variant(
