@@ -354,11 +354,12 @@ def _bench_e2e(args) -> int:
 
     from .e2e import e2e_bench
 
-    rows = e2e_bench(layers=args.layers)
+    rows, checks = e2e_bench(layers=args.layers, log=lambda line: console.print(f"[dim]{line}[/dim]"))
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return 0
-    table = Table(title=f"end to end, Llama-3-8B shapes, {args.layers} layers, NF4 double quant, bf16 | "
+        print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
+                          "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+        return 0 if all(c.passed for c in checks) else 1
+    table = Table(title=f"end to end, Llama-3-8B shapes ({args.layers} layers; QLoRA 8), NF4 double quant, bf16 | "
                         f"{torch.cuda.get_device_name()} | torch {torch.__version__}, transformers {transformers.__version__}")
     for column in ("measure", "dense bf16", "bitsandbytes NF4", "patched NF4", "patched / bnb"):
         table.add_column(column)
@@ -367,7 +368,14 @@ def _bench_e2e(args) -> int:
         table.add_row(f"{row.measure} ({row.unit})", f"{row.dense:.1f}", f"{row.bitsandbytes:.1f}",
                       f"{row.patched:.1f}", f"{faster:.2f}x")
     console.print(table)
-    return 0
+    check_table = Table(title="checks, patched vs bitsandbytes")
+    for column in ("check", "bitsandbytes", "patched", "bound", "passed"):
+        check_table.add_column(column)
+    for check in checks:
+        check_table.add_row(check.check, f"{check.bitsandbytes:.4g}", f"{check.patched:.4g}", check.bound,
+                            "yes" if check.passed else "NO")
+    console.print(check_table)
+    return 0 if all(c.passed for c in checks) else 1
 
 
 def _bench_linear(args, device) -> int:
@@ -474,7 +482,8 @@ def main(argv=None) -> int:
                        "bitsandbytes, dequantize + cuBLAS, dense cuBLAS and the floor")
     bench.add_argument("--e2e", action="store_true", help="whole Llama-3-8B-shaped models (random weights): decode, "
                        "prefill and a QLoRA step; dense bf16, bitsandbytes NF4 and NF4 patched, in one process")
-    bench.add_argument("--layers", type=_positive(int), default=8, help="with --e2e: decoder layers (default 8)")
+    bench.add_argument("--layers", type=_positive(int), default=32,
+                       help="with --e2e: decoder layers of the decode and prefill model (default 32; QLoRA uses 8)")
     bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")
     bench.set_defaults(func=cmd_bench)
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from . import _cache, _registry
-from ._format import prepare
+from ._format import attach_output, prepare, prepare_weight
 from ._linear import m_bucket, prepare_linear
 
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
@@ -204,9 +204,10 @@ def _family_variant(name: str, family: str) -> "_registry.Variant":
 
 
 def dequantize_eager(packed: torch.Tensor, state: Any, *, out: torch.Tensor | None = None,
-                     variant: str | None = None, config: Mapping | None = None) -> torch.Tensor:
-    """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract)."""
-    args = prepare(packed, state, out)
+                     variant: str | None = None, config: Mapping | None = None, weight=None) -> torch.Tensor:
+    """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract).
+    ``weight``: as for :func:`linear_eager`."""
+    args = attach_output(weight if weight is not None else prepare_weight(packed, state), out)
     _run(args, "dequantize", *_resolve(args, "dequantize", variant, config))
     return args.out
 
@@ -219,9 +220,11 @@ def dequantize_prepared(args) -> torch.Tensor:
 
 
 def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
-                 variant: str | None = None, config: Mapping | None = None) -> torch.Tensor:
-    """``nf4_explorer.linear``'s forward, no autograd (see ``_api.linear`` for the contract)."""
-    args = prepare_linear(x, packed, state, bias)
+                 variant: str | None = None, config: Mapping | None = None, weight=None) -> torch.Tensor:
+    """``nf4_explorer.linear``'s forward, no autograd (see ``_api.linear`` for the contract).
+    ``weight``: the weight validated already (``_format.prepare_weight_tensors``), for callers that
+    hold tensors rather than a state (the custom op, bitsandbytes' gemm_4bit op)."""
+    args = prepare_linear(x, packed, state, bias, weight=weight)
     if args.m == 0:
         return x.new_empty((*x.shape[:-1], args.n))
     _run(args, "linear", *_resolve(args, "linear", variant, config))

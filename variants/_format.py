@@ -100,6 +100,7 @@ class DequantArgs:
     double_quant: bool
     out_dtype: torch.dtype
     device: torch.device
+    shape: torch.Size  # the state's (the output's) shape
 
     def kernel_arguments(self):
         """The dequantize family's kernel interface (see _registry.py): runtime arguments in
@@ -286,6 +287,88 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+# The host path. A steady-state call validates the same weight again and again: the checks below
+# cost ~6 µs on a fast host, more than the launch. ``prepare_weight`` keeps, per weight, the facts
+# that validation reads (each tensor's data pointer, size, dtype and contiguity, the state's shape,
+# dtype, blocksize and quant type) and the scalars it derived; a call whose facts are the same passes
+# the same checks and gets those scalars with its own tensors. A changed weight or state (another
+# tensor, a tensor given new data, another blocksize, ...) changes its facts and is validated anew.
+# No tensor is kept, so the cache holds no memory alive.
+_CHECKED: dict[tuple, tuple] = {}  # facts -> (n, n_rows, n_cols, blocksize, nested_blocksize, ..., offset)
+_CHECKED_LIMIT = 4096  # weights remembered; forgotten all at once beyond that (the next call re-validates)
+
+
+def _tensor_facts(t) -> tuple:
+    return t.data_ptr(), t.numel(), t.dtype, t.is_contiguous()
+
+
+def _weight_facts(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize, quant_type,
+                  nested_blocksize) -> tuple:
+    """What validation reads of a weight, hashable. Data pointers stand for devices (CUDA's unified
+    addresses keep devices apart); a CPU weight adds whether the interpreter is on."""
+    device = packed.get_device()
+    facts = (*_tensor_facts(packed), device, *_tensor_facts(absmax), tuple(shape), dtype, type(blocksize),
+             blocksize, quant_type, device < 0 and interpreter_enabled())
+    if code2 is None:
+        return facts
+    offset_facts = _tensor_facts(offset) if isinstance(offset, torch.Tensor) else (type(offset), offset)
+    return (*facts, *_tensor_facts(code2), *_tensor_facts(absmax2), *offset_facts, type(nested_blocksize),
+            nested_blocksize)
+
+
+def prepare_weight(packed: torch.Tensor, state: Any) -> DequantArgs:
+    """``prepare(packed, state, None, allocate=False)``, cached per weight (see ``_CHECKED``): the
+    validated weight of a linear problem, or of a dequantization before its output."""
+    if type(packed) is not torch.Tensor and isinstance(packed, torch.nn.Parameter):
+        packed = packed.data  # Params4bit: each attribute read through its __torch_function__ costs ~1 µs
+    try:
+        state2 = state.state2
+        if (state2 is None and getattr(state, "nested", False)) or type(state.shape) is not torch.Size:
+            raise AttributeError("state2")  # an incomplete double-quant state; a shape that may hold floats
+        nested = (None, None, None, 0) if state2 is None else (state2.code, state2.absmax, state.offset,
+                                                               state2.blocksize)
+        fields = (state.absmax, *nested[:3], state.shape, state.dtype, state.blocksize, nested[3], state.quant_type,
+                  state2 is not None)
+    except AttributeError:  # a missing or incomplete field (the checks name it), an unusual shape: not cached
+        return prepare(packed, state, None, allocate=False)
+    return prepare_weight_tensors(packed, *fields, state=state)
+
+
+def prepare_weight_tensors(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize: int,
+                           nested_blocksize: int, quant_type: str, double_quant: bool, state: Any = None) -> DequantArgs:
+    """:func:`prepare_weight` for a weight given as its tensors and scalars (the custom ops and
+    bitsandbytes' gemm_4bit op pass it so), without building a QuantState on the hot path.
+    ``state``: the state these came from, if any (what a new weight's checks read, for their messages)."""
+    try:
+        facts = (_weight_facts(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize, quant_type,
+                               nested_blocksize) if double_quant else
+                 _weight_facts(packed, absmax, None, None, None, shape, dtype, blocksize, quant_type, None))
+        scalars = _CHECKED.get(facts)
+    except (AttributeError, TypeError):  # not a tensor, an unhashable value: the checks below say what
+        facts = scalars = None
+    if not double_quant:
+        code2 = absmax2 = offset = absmax  # placeholders the kernels never read (as nested_tensors gives)
+    if scalars is not None:
+        offset = offset if isinstance(offset, torch.Tensor) else scalars[-1]
+        return DequantArgs(packed, absmax, code2, absmax2, offset, None, *scalars[:-1])
+    if state is None:
+        state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize,
+                                   quant_type, double_quant)
+    args = prepare(packed, state, None, allocate=False)
+    args.out = None
+    # A weight whose validation copied a tensor (non-contiguous, unaligned) is validated, and copied,
+    # on every call; the others are remembered.
+    copied = any(a is not b for a, b in zip((args.packed, args.absmax, args.code2, args.absmax2),
+                                            (packed, absmax, code2, absmax2)))
+    if facts is not None and not copied:
+        if len(_CHECKED) >= _CHECKED_LIMIT:
+            _CHECKED.clear()
+        made_offset = None if isinstance(offset, torch.Tensor) else args.offset  # a Python number made a tensor
+        _CHECKED[facts] = (args.n, args.n_rows, args.n_cols, args.blocksize, args.nested_blocksize, args.quant_type,
+                           args.double_quant, args.out_dtype, args.device, args.shape, made_offset)
+    return args
+
+
 def prepare(
     packed: torch.Tensor, state: Any, out: torch.Tensor | None, *, for_kernel: bool = True, allocate: bool = True
 ) -> DequantArgs:
@@ -366,22 +449,6 @@ def prepare(
             "in Triton's interpreter with TRITON_INTERPRET=1 set before triton is imported "
             "(nf4_explorer.reference_dequantize is the pure-PyTorch path)"
         )
-    if out is None:
-        out = torch.empty(shape if allocate else (0,), dtype=dtype, device=device)
-    else:
-        if out.dtype != dtype:
-            raise TypeError(f"out has dtype {out.dtype} but the state says {dtype}: allocate out with dtype={dtype}")
-        if out.shape != shape:
-            raise ValueError(f"out has shape {tuple(out.shape)} but the state says {tuple(shape)}")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous (the kernels write it flat): pass a contiguous tensor")
-        # Programs read the inputs while others write out: an out that shares memory with an input
-        # would be read after being overwritten (a wrong result, no error). Refused instead.
-        clash = overlapping(out, {"packed": packed, "state.absmax": absmax, "state.state2.code": code2,
-                                  "state.state2.absmax": absmax2, "state.offset": offset})
-        if clash is not None:
-            raise ValueError(f"out overlaps {clash} in memory: the kernels would read what they already overwrote; "
-                             "pass an out of its own (or none)")
     packed = _contiguous(packed)
     if packed.data_ptr() % 16:
         # Kernels read packed bytes as aligned 32-bit words and vectors; an unaligned view (a
@@ -390,13 +457,13 @@ def prepare(
     n_cols = shape[-1] if len(shape) else 1
     # Kernels index flat memory through data pointers: contiguous tensors need no reshaping (views
     # cost microseconds per call, which matter at small shapes).
-    return DequantArgs(
+    args = DequantArgs(
         packed=packed,
         absmax=_contiguous(absmax),
         code2=_contiguous(code2),
         absmax2=_contiguous(absmax2),
         offset=offset,
-        out=out,
+        out=None,
         n=n,
         n_rows=n // n_cols,
         n_cols=n_cols,
@@ -406,4 +473,34 @@ def prepare(
         double_quant=state2 is not None,
         out_dtype=dtype,
         device=device,
+        shape=shape,
     )
+    return attach_output(args, out, allocate)
+
+
+def attach_output(args: DequantArgs, out: torch.Tensor | None, allocate: bool = True) -> DequantArgs:
+    """Gives a validated weight its output: ``out`` once checked, else a new tensor of the state's shape
+    (an empty one with ``allocate=False``). Raises naming the problem and the fix."""
+    if out is None:
+        args.out = torch.empty(args.shape if allocate else (0,), dtype=args.out_dtype, device=args.device)
+        return args
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}: allocate it with torch.empty")
+    if out.device != args.device:
+        raise ValueError(f"out is on {out.device} but packed is on {args.device}: move every tensor to one device")
+    if out.dtype != args.out_dtype:
+        raise TypeError(f"out has dtype {out.dtype} but the state says {args.out_dtype}: allocate out with "
+                        f"dtype={args.out_dtype}")
+    if out.shape != args.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)} but the state says {tuple(args.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernels write it flat): pass a contiguous tensor")
+    # Programs read the inputs while others write out: an out that shares memory with an input
+    # would be read after being overwritten (a wrong result, no error). Refused instead.
+    clash = overlapping(out, {"packed": args.packed, "state.absmax": args.absmax, "state.state2.code": args.code2,
+                              "state.state2.absmax": args.absmax2, "state.offset": args.offset})
+    if clash is not None:
+        raise ValueError(f"out overlaps {clash} in memory: the kernels would read what they already overwrote; "
+                         "pass an out of its own (or none)")
+    args.out = out
+    return args

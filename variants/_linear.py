@@ -30,11 +30,13 @@ from typing import Any
 import torch
 import triton.language as tl
 
-from ._format import OUT_DTYPES, DequantArgs, device_pair_table, interpreter_enabled, prepare, problem_constexprs
+from ._format import (OUT_DTYPES, DequantArgs, device_pair_table, interpreter_enabled, prepare, prepare_weight,
+                      problem_constexprs)
 
 # M buckets of the tuned file: a problem with M rows of x uses the entry of the smallest bucket >= M.
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_CONSTEXPRS: dict[tuple, dict] = {}  # the problem constexprs of a format (shared: read, never changed)
 
 
 def runs_ptx(device: torch.device) -> bool:
@@ -74,7 +76,6 @@ class LinearArgs:
     x: torch.Tensor
     x2d: torch.Tensor
     weight: DequantArgs
-    state: Any
     bias: torch.Tensor | None
     out: torch.Tensor | None
     m: int
@@ -94,9 +95,14 @@ class LinearArgs:
         if self.out is None:
             self.out = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
         w = self.weight
-        constexprs = problem_constexprs(w.blocksize, w.nested_blocksize, w.quant_type, w.double_quant)
-        constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
-                          K_IN_BLOCKS=self.k % w.blocksize == 0, PTX=runs_ptx(self.device))
+        key = (w.blocksize, w.nested_blocksize, w.quant_type, w.double_quant, self.bias is not None, w.out_dtype,
+               self.k % w.blocksize == 0, self.device.type)
+        constexprs = _CONSTEXPRS.get(key)  # built once per format: ~1 µs a call saved
+        if constexprs is None:
+            constexprs = _CONSTEXPRS[key] = problem_constexprs(w.blocksize, w.nested_blocksize, w.quant_type,
+                                                               w.double_quant)
+            constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
+                              K_IN_BLOCKS=self.k % w.blocksize == 0, PTX=runs_ptx(self.device))
         return KernelArguments(
             [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_pair_table(w.quant_type, self.device),
              self.bias if self.bias is not None else self.x2d, self.out, self.m, self.n, self.k],
@@ -110,13 +116,15 @@ class LinearArgs:
 
 
 def prepare_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
-                   for_kernel: bool = True) -> LinearArgs:
+                   for_kernel: bool = True, weight: DequantArgs | None = None) -> LinearArgs:
     """Validates a linear problem and returns its :class:`LinearArgs`. Raises TypeError/ValueError
-    naming the problem and the fix."""
+    naming the problem and the fix. ``weight``: the weight, validated already (``prepare_weight_tensors``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    weight = prepare(packed, state, None, for_kernel=for_kernel, allocate=False)
-    shape = torch.Size(state.shape)
+    if weight is None:
+        weight = (prepare_weight(packed, state) if for_kernel else
+                  prepare(packed, state, None, for_kernel=False, allocate=False))
+    shape = weight.shape
     if len(shape) != 2:
         raise ValueError(
             f"linear needs a 2-D weight: state.shape is {tuple(shape)}; bitsandbytes' Linear4bit stores "
@@ -144,11 +152,11 @@ def prepare_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torc
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
         bias = bias if bias.is_contiguous() else bias.contiguous()
     m = x.numel() // k if k else 0
-    x2d = x.reshape(m, k)
+    x2d = x if x.dim() == 2 else x.reshape(m, k)  # a view costs ~1 µs a call: none for 2-D x
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    return LinearArgs(x=x, x2d=x2d, weight=weight, state=state, bias=bias, out=None, m=m, n=n, k=k, dtype=x.dtype,
-                      device=x.device)
+    return LinearArgs(x=x, x2d=x2d, weight=weight, bias=bias, out=None, m=m, n=n, k=k, dtype=x.dtype,
+                      device=weight.device)
 
 
 def reference_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import dequantize_eager, linear_eager
-from ._format import nested_tensors, state_from_tensors
+from ._format import nested_tensors, prepare_weight_tensors
 
 
 def _state_arguments(packed: torch.Tensor, state) -> tuple:
@@ -31,9 +31,9 @@ def dequantize_op(
     shape: list[int], dtype: torch.dtype, blocksize: int, nested_blocksize: int, quant_type: str,
     double_quant: bool,
 ) -> torch.Tensor:
-    state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type,
-                               double_quant)
-    return dequantize_eager(packed, state)
+    weight = prepare_weight_tensors(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize,
+                                    quant_type, double_quant)
+    return dequantize_eager(packed, None, weight=weight)
 
 
 @dequantize_op.register_fake
@@ -52,9 +52,9 @@ def linear_op(
     absmax2: torch.Tensor, offset: torch.Tensor, shape: list[int], dtype: torch.dtype, blocksize: int,
     nested_blocksize: int, quant_type: str, double_quant: bool,
 ) -> torch.Tensor:
-    state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize, quant_type,
-                               double_quant)
-    return linear_eager(x, packed, state, bias)
+    weight = prepare_weight_tensors(packed, absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize,
+                                    quant_type, double_quant)
+    return linear_eager(x, packed, None, bias, weight=weight)
 
 
 @linear_op.register_fake

@@ -31,7 +31,7 @@ import torch
 
 from ._api import dequantize
 from ._dispatch import linear_eager
-from ._format import interpreter_enabled, state_from_tensors
+from ._format import interpreter_enabled, prepare_weight_tensors
 
 _ACTIVE = [None]  # the patch in force (one at a time)
 
@@ -113,11 +113,11 @@ def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8b
     [N, K] weight B, decoded in A's dtype as bitsandbytes does. With double quantization the op gets
     the nested absmax as ``absmax`` and the uint8 codes as ``absmax_8bit``."""
     if absmax_8bit is not None:  # bitsandbytes' double quantization: nested blocks of 256
-        state = state_from_tensors(absmax_8bit, absmax_code, absmax, absmax_offset, shapeB, A.dtype, blocksize, 256,
-                                   quant_type, True)
+        weight = prepare_weight_tensors(B, absmax_8bit, absmax_code, absmax, absmax_offset, shapeB, A.dtype, blocksize,
+                                        256, quant_type, True)
     else:
-        state = state_from_tensors(absmax, None, None, None, shapeB, A.dtype, blocksize, 256, quant_type, False)
-    return linear_eager(A, B, state, bias)
+        weight = prepare_weight_tensors(B, absmax, None, None, None, shapeB, A.dtype, blocksize, 256, quant_type, False)
+    return linear_eager(A, B, None, bias, weight=weight)
 
 
 def _patched(original):
