@@ -134,6 +134,8 @@ def e2e_bench(layers: int = 32, batches=(1, 8), prompt: int = 32, new_tokens: in
     config, dense, quantized = build_models(layers)
     models = {"dense": dense, "bitsandbytes": quantized, "patched": quantized}
     log(f"built {layers}-layer models")
+    rows.append(_host_row(dense, quantized))
+    log(str(rows[-1]))
 
     def three(measure, run, unit, invert, compiles=False):
         """Times ``run`` per provider; returns the graph breaks each compile counted."""
@@ -186,6 +188,30 @@ def e2e_bench(layers: int = 32, batches=(1, 8), prompt: int = 32, new_tokens: in
     rows.append(row)
     checks.append(check)
     return rows, checks
+
+
+def _host_row(dense, quantized, calls: int = 2000) -> E2ERow:
+    """Host time of one q_proj forward at M = 1 (4096x4096), back to back without a sync: the host
+    path every eager decoding step pays per linear layer (the GPU's kernel is shorter)."""
+    x = torch.randn(1, 1, dense.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    values = {}
+    for provider, model in (("dense", dense), ("bitsandbytes", quantized), ("patched", quantized)):
+        layer = model.model.layers[0].self_attn.q_proj
+        with _under(provider), torch.no_grad():
+            for _ in range(50):
+                layer(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            values[provider] = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.empty((1, 1, 4096), dtype=torch.bfloat16, device="cuda")
+    empty = (time.perf_counter() - start) / calls * 1e6
+    return E2ERow(f"host time of a q_proj forward, M = 1 (4096x4096; torch.empty: {empty:.1f} us)", values["dense"],
+                  values["bitsandbytes"], values["patched"], "us/call")
 
 
 def _logits_check(quantized, reference, config, tokens: int = 128) -> E2ECheck:

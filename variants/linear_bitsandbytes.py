@@ -5,9 +5,12 @@ kernel per card and problem: on the H200 this kernel beats every other linear va
 through nf4-explorer (``patch_bitsandbytes``) never makes them slower than bitsandbytes' own choice.
 It needs bitsandbytes (0.50's CUDA backend) and a CUDA GPU; elsewhere it declines the problem."""
 
+import functools
+
 from ._registry import Variant, register
 
 
+@functools.cache  # looked up once: an import statement on every call costs microseconds of host time
 def _kernel():
     """bitsandbytes' fused-kernel launcher, or None (not installed, no CUDA backend, another API)."""
     try:
