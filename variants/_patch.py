@@ -47,10 +47,10 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
     legacy ``absmax=``/``blocksize=`` arguments go to bitsandbytes.
 
     ``linear=True`` also routes the 4-bit matmul (``bitsandbytes::gemm_4bit``). It is off by default
-    because, measured end to end on an H200 (run S5.6, 8 Llama-3-8B layers), it made eager decoding
-    0.78x and a 2048-token prefill 0.81x as fast as bitsandbytes alone (a QLoRA step: 1.01x), although
-    each linear problem alone is as fast or faster (``bench --linear``): the Python path per call
-    (the op's Python kernel, validation, dispatch) costs more than it saves. docs/performance.md.
+    because, measured end to end on an H200 (run S7.6, 32 Llama-3-8B layers), eager batch-1 decoding
+    is host-bound and there the route's Python on top of bitsandbytes' own M = 1 kernel made it 0.91x
+    as fast; it was 1.31x (eager) and 1.16x (static cache) at batch 8, 1.05x on a 2048-token prefill,
+    0.99-1.01x compiled at batch 1 and in a QLoRA step. docs/performance.md, session 7.
     """
 
     def __init__(self, *, linear: bool = False):
