@@ -294,8 +294,9 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 # the same checks and gets those scalars with its own tensors. A changed weight or state (another
 # tensor, a tensor given new data, another blocksize, ...) changes its facts and is validated anew.
 # No tensor is kept, so the cache holds no memory alive.
-_CHECKED: dict[tuple, tuple] = {}  # facts -> (n, n_rows, n_cols, blocksize, nested_blocksize, ..., offset)
+_CHECKED: dict[tuple, tuple] = {}  # facts -> (the _SCALARS of its DequantArgs, the offset tensor made, if one was)
 _CHECKED_LIMIT = 4096  # weights remembered; forgotten all at once beyond that (the next call re-validates)
+_SCALARS = tuple(f.name for f in dataclasses.fields(DequantArgs))[6:]  # every field after packed ... out
 
 
 def _tensor_facts(t) -> tuple:
@@ -321,15 +322,16 @@ def prepare_weight(packed: torch.Tensor, state: Any) -> DequantArgs:
     validated weight of a linear problem, or of a dequantization before its output."""
     if type(packed) is not torch.Tensor and isinstance(packed, torch.nn.Parameter):
         packed = packed.data  # Params4bit: each attribute read through its __torch_function__ costs ~1 µs
+    state2 = getattr(state, "state2", None)
+    if type(getattr(state, "shape", None)) is not torch.Size or (state2 is None and getattr(state, "nested", False)):
+        # Not cached: a shape that may hold floats equal to a cached one's ints, an incomplete double
+        # quant; the checks say what is wrong.
+        return prepare(packed, state, None, allocate=False)
     try:
-        state2 = state.state2
-        if (state2 is None and getattr(state, "nested", False)) or type(state.shape) is not torch.Size:
-            raise AttributeError("state2")  # an incomplete double-quant state; a shape that may hold floats
-        nested = (None, None, None, 0) if state2 is None else (state2.code, state2.absmax, state.offset,
-                                                               state2.blocksize)
+        nested = (state2.code, state2.absmax, state.offset, state2.blocksize) if state2 is not None else (None,) * 4
         fields = (state.absmax, *nested[:3], state.shape, state.dtype, state.blocksize, nested[3], state.quant_type,
                   state2 is not None)
-    except AttributeError:  # a missing or incomplete field (the checks name it), an unusual shape: not cached
+    except AttributeError:  # a missing field: the checks name it
         return prepare(packed, state, None, allocate=False)
     return prepare_weight_tensors(packed, *fields, state=state)
 
@@ -350,7 +352,7 @@ def prepare_weight_tensors(packed, absmax, code2, absmax2, offset, shape, dtype,
         code2 = absmax2 = offset = absmax  # placeholders the kernels never read (as nested_tensors gives)
     if scalars is not None:
         offset = offset if isinstance(offset, torch.Tensor) else scalars[-1]
-        return DequantArgs(packed, absmax, code2, absmax2, offset, None, *scalars[:-1])
+        return DequantArgs(packed, absmax, code2, absmax2, offset, None, *scalars[:-1])  # None: out
     if state is None:
         state = state_from_tensors(absmax, code2, absmax2, offset, shape, dtype, blocksize, nested_blocksize,
                                    quant_type, double_quant)
@@ -364,8 +366,7 @@ def prepare_weight_tensors(packed, absmax, code2, absmax2, offset, shape, dtype,
         if len(_CHECKED) >= _CHECKED_LIMIT:
             _CHECKED.clear()
         made_offset = None if isinstance(offset, torch.Tensor) else args.offset  # a Python number made a tensor
-        _CHECKED[facts] = (args.n, args.n_rows, args.n_cols, args.blocksize, args.nested_blocksize, args.quant_type,
-                           args.double_quant, args.out_dtype, args.device, args.shape, made_offset)
+        _CHECKED[facts] = (*(getattr(args, name) for name in _SCALARS), made_offset)
     return args
 
 
