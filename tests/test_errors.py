@@ -158,3 +158,16 @@ def test_variant_module_for_a_newer_triton_is_left_out(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.5.0")
     with pytest.raises(nf4_explorer.VariantUnavailable, match="needs Triton 3.6 or newer"):
         importlib.reload(nf4_explorer.phase_split)
+
+
+def test_gluon_linear_variant_that_cannot_run_here_says_so(device):
+    """linear_gemv_gluon (Gluon, inline PTX) asked for in the interpreter or on a GPU below compute
+    capability 8.0 names the requirement; the dispatcher never offers it there."""
+    reason = nf4_explorer.get("linear_gemv_gluon").unavailable_reason(device)
+    if reason is None:
+        pytest.skip("this GPU runs linear_gemv_gluon")
+    packed, state = nf4_explorer.quantize(torch.randn(16, 64, dtype=torch.bfloat16, device=device))
+    x = torch.randn(2, 64, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="linear_gemv_gluon.*needs an NVIDIA GPU of compute capability 8.0"):
+        nf4_explorer.linear(x, packed, state, variant="linear_gemv_gluon")
+    assert "linear_gemv_gluon" not in nf4_explorer.names(device, family="linear")
