@@ -31,8 +31,13 @@ ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LIN
 # into 16-byte stores). linear: dequantize + cuBLAS, fastest of ours at every M on the H200 for the
 # 58.7 M-weight Llama shapes (session 5: 83 µs at M = 1, the fused GEMV 94-101 µs, the fused GEMM
 # slower still); the fused GEMV only for small weights at M <= 4, where it won (1024x4096 M = 1:
-# 20 µs against 48 µs; 4096x4096: 38 against 51). docs/performance.md, session 5.
+# 20 µs against 48 µs; 4096x4096: 38 against 51). docs/performance.md, session 5. Where it runs
+# (an NVIDIA GPU of compute capability 8.0+, 16-bit x, whole blocks per row), the tensor-core
+# GEMV up to M = 16: 28-41 µs at M = 1-16 on both Llama MLP shapes (bitsandbytes 34-114,
+# dequantize + cuBLAS 83-87; session 8).
 DEFAULT_VARIANT = "word_unpack"
+LINEAR_MMA = "linear_mma_gemv"
+LINEAR_MMA_MAX_M = 16
 LINEAR_GEMV_MAX_M = 4
 LINEAR_GEMV_MAX_WEIGHTS = 1 << 24
 LINEAR_FALLBACK = "linear_dequantize"  # takes every problem
@@ -117,6 +122,10 @@ def _choose_linear(args) -> Choice:
         return Choice(entry["variant"], dict(entry["config"]), "tuned (nearest shape)", source,
                       _tier(entry, f"tuned shape {entry['shape']} M bucket {entry['m_bucket']} for "
                                    f"[{args.n}, {args.k}] M = {args.m}"))
+    if args.m <= LINEAR_MMA_MAX_M and LINEAR_MMA in _registry.names(args.device, family="linear"):
+        variant = _registry.get(LINEAR_MMA)
+        if variant.accepts(args) is None:
+            return Choice(variant.name, variant.default_config(args.blocksize), "default")
     small = args.m <= LINEAR_GEMV_MAX_M and args.n * args.k <= LINEAR_GEMV_MAX_WEIGHTS
     name = "linear_gemv" if small else LINEAR_FALLBACK
     variant = _registry.get(name)

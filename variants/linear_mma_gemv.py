@@ -240,18 +240,17 @@ register(Variant(
     kernel=linear_mma_gemv_kernel,
     grid=_grid,
     space={
-        "TILES": (1, 2, 4),
-        "CH": (1, 2, 4),
+        "TILES": (1, 2),
+        "CH": (2, 4),
         "MT": (1, 2),
-        "KS": (1, 2, 4, 8),
-        "num_warps": (1, 2, 4, 8),
+        "KS": (2, 4, 8),
+        "num_warps": (4, 8),
         "num_stages": (1,),
     },
     default={"TILES": 1, "CH": 4, "MT": 1, "KS": 4, "num_warps": 4, "num_stages": 1},
     description="tensor-core GEMV: register LUT decode straight into mma.sync fragments, k permuted per word",
     # A thread's CH words share one absmax block.
-    allowed=lambda config, blocksize: (8 * config["CH"] <= blocksize and config["num_warps"] % config["KS"] == 0
-                                       and config["TILES"] * config["CH"] * config["MT"] <= 8),
+    allowed=lambda config, blocksize: (8 * config["CH"] <= blocksize and config["num_warps"] % config["KS"] == 0),
     min_capability=(8, 0),
     accepts=_accepts,
 ))
