@@ -109,16 +109,17 @@ def _choose_linear(args) -> Choice:
     source, entries = _device_entries(args.device)
     bucket = m_bucket(args.m)
     same_kind = [e for e in entries if _same_format(e, args.weight, _cache.DTYPE_NAMES[args.dtype], "linear")]
-    exact = [e for e in same_kind if list(e["shape"]) == [args.n, args.k]]
     distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
-    if exact:
-        entry = min(exact, key=lambda e: (distance(e), -e["m_bucket"]))
-        reason = "tuned (exact)" if entry["m_bucket"] == bucket else "tuned (nearest M bucket)"
-        return Choice(entry["variant"], dict(entry["config"]), reason, source,
-                      _tier(entry, f"shape [{args.n}, {args.k}], M bucket {entry['m_bucket']} for M = {args.m}"))
     if same_kind:
+        # The nearest M bucket first (what wins depends on M far more than on the shape: an exact
+        # shape tuned at M = 8 says nothing about M = 2048), then the exact shape, then the nearest size.
         size = _cache.size_bucket(args.n * args.k)
-        entry = min(same_kind, key=lambda e: (distance(e), abs(e["size_bucket"] - size), -e["size_bucket"]))
+        entry = min(same_kind, key=lambda e: (distance(e), list(e["shape"]) != [args.n, args.k],
+                                              abs(e["size_bucket"] - size), -e["size_bucket"], -e["m_bucket"]))
+        if list(entry["shape"]) == [args.n, args.k]:
+            reason = "tuned (exact)" if entry["m_bucket"] == bucket else "tuned (nearest M bucket)"
+            return Choice(entry["variant"], dict(entry["config"]), reason, source,
+                          _tier(entry, f"shape [{args.n}, {args.k}], M bucket {entry['m_bucket']} for M = {args.m}"))
         return Choice(entry["variant"], dict(entry["config"]), "tuned (nearest shape)", source,
                       _tier(entry, f"tuned shape {entry['shape']} M bucket {entry['m_bucket']} for "
                                    f"[{args.n}, {args.k}] M = {args.m}"))
