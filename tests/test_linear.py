@@ -141,8 +141,8 @@ def test_variant_of_the_other_family_is_refused():
 
 
 def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path):
-    """Tuned linear entries beside dequantize ones: the exact shape at the nearest M bucket, else the
-    nearest shape; the built-in default by M where nothing is tuned."""
+    """Tuned linear entries beside dequantize ones: the nearest M bucket first, the exact shape among
+    those, else the nearest shape; the built-in default by M where nothing is tuned."""
     monkeypatch.setattr(tuning, "device_name", lambda device: "Fake GPU 9000")
     monkeypatch.setattr(nf4_explorer._cache, "device_name", lambda device: "Fake GPU 9000")
     directory = tmp_path / "tuned"
@@ -159,12 +159,16 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path):
 
     directory.mkdir()
     (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({
-        "schema_version": 2, "entries": [entry(1, "linear_gemv", gemv), entry(64, "linear_tiled", tiled)]}))
+        "schema_version": 2, "entries": [entry(1, "linear_gemv", gemv), entry(64, "linear_tiled", tiled),
+                                         {**entry(4096, "linear_dequantize", {}), "shape": [64, 128],
+                                          "size_bucket": tuning.size_bucket(64 * 128)}]}))
     x, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, "cpu")
     choose = lambda m: nf4_explorer.explain_linear(torch.randn(m, 128, dtype=torch.bfloat16), packed, state)  # noqa: E731
     assert (choose(1).variant, choose(1).reason) == ("linear_gemv", "tuned (exact)")
     assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")  # bucket 64
     assert (choose(300).variant, choose(300).reason) == ("linear_tiled", "tuned (nearest M bucket)")
+    # M = 2000: the exact shape was tuned at M <= 64 only; another shape's M = 4096 entry is nearer.
+    assert (choose(2000).variant, choose(2000).reason) == ("linear_dequantize", "tuned (nearest shape)")
     _, other_packed, other_state, _ = _problem(64, 128, 1, torch.bfloat16, "cpu")
     nearest = nf4_explorer.explain_linear(torch.randn(2, 128, dtype=torch.bfloat16), other_packed, other_state)
     assert (nearest.variant, nearest.reason) == ("linear_gemv", "tuned (nearest shape)")
