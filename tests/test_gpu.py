@@ -155,3 +155,62 @@ def test_weights_on_another_gpu():
         assert_bit_equal(out, expected, "weights on cuda:1, current device cuda:0")
     bnb = pytest.importorskip("bitsandbytes.functional")
     assert_bit_equal(nf4_explorer.dequantize(packed, state), bnb.dequantize_4bit(packed, state), "vs bitsandbytes on cuda:1")
+
+
+def _linear_problem(seed, n=256, k=512):
+    torch.manual_seed(seed)
+    packed, state = nf4_explorer.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=64,
+                                          double_quant=True)
+    return packed, state
+
+
+def _forced(x, packed, state, bias=None):
+    """The same call through the full path (validation, dispatch, launch): the lean path's reference."""
+    choice = nf4_explorer.explain_linear(x, packed, state)
+    return nf4_explorer.linear(x, packed, state, bias, variant=choice.variant, config=choice.config)
+
+
+def test_a_steady_linear_call_takes_the_lean_path(monkeypatch):
+    """The second call of a linear problem skips validation of x and the dispatcher (_dispatch's plans)
+    and gives the full path's bits with its own x and weight."""
+    from nf4_explorer import _dispatch
+
+    packed, state = _linear_problem(seed=6)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    nf4_explorer.linear(x, packed, state)  # plans the problem
+    resolved = []
+    original = _dispatch._resolve
+    monkeypatch.setattr(_dispatch, "_resolve", lambda *a: resolved.append(1) or original(*a))
+    for seed in (7, 8):
+        packed, state = _linear_problem(seed=seed)
+        x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+        resolved.clear()
+        out = nf4_explorer.linear(x, packed, state)
+        assert not resolved, "a steady call went through the dispatcher"
+        assert_bit_equal(out, _forced(x, packed, state), f"lean path, seed {seed}")
+
+
+LEAN_CHANGES = {
+    # name: (x, packed, state, bias) of a planned problem -> a call that must not reuse its plan blindly
+    "more rows of x": lambda x, p, s, b: (torch.randn(9, 512, device="cuda", dtype=torch.bfloat16), p, s, b),
+    "3-D x": lambda x, p, s, b: (x.view(2, 2, 512), p, s, b),
+    "non-contiguous x": lambda x, p, s, b: (torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).t(), p, s, b),
+    "float16 x": lambda x, p, s, b: (x.half(), p, s, b),
+    "a bias": lambda x, p, s, b: (x, p, s, torch.randn(256, device="cuda", dtype=torch.bfloat16)),
+    "another weight format": lambda x, p, s, b: (x, *nf4_explorer.quantize(
+        torch.randn(256, 512, device="cuda", dtype=torch.bfloat16), blocksize=128, quant_type="fp4"), b),
+    "absmax given new data": lambda x, p, s, b: (setattr(s.absmax, "data", s.absmax.flip(0).contiguous()),
+                                                 (x, p, s, b))[1],
+}
+
+
+@pytest.mark.parametrize("change", list(LEAN_CHANGES))
+def test_the_lean_path_serves_only_the_same_problem(change):
+    packed, state = _linear_problem(seed=9)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    nf4_explorer.linear(x, packed, state)
+    nf4_explorer.linear(x, packed, state)  # planned and served
+    x, packed, state, bias = LEAN_CHANGES[change](x, packed, state, None)
+    for call in range(2):  # the changed problem's first (full) and second (planned) call
+        out = nf4_explorer.linear(x, packed, state, bias)
+        assert_bit_equal(out, _forced(x, packed, state, bias), f"{change}, call {call}")

@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
-from . import _cache, _registry
-from ._format import attach_output, prepare, prepare_weight
+from . import _cache, _launch, _registry
+from ._format import attach_output, device_pair_table, prepare, prepare_weight
 from ._linear import m_bucket, prepare_linear
 
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
@@ -67,11 +67,22 @@ class Choice:
 _memo: dict[tuple, tuple] = {}  # problem key -> (Choice, Variant)
 _entries_by_device: dict[str, tuple[str, list[dict]]] = {}
 
+# The lean path of a steady linear call. After a dispatched call of a problem has launched through
+# ``_launch``'s fast path, the plan of that problem keeps what the call worked out (the choice, the
+# compiled launch with its grid and constexprs, the table's address) under everything it read of x,
+# the bias and the validated weight's format; a later call with the same facts passed the same
+# checks and would decide the same, so it allocates its output and launches straight away (~150
+# Python calls fewer). The weight is still validated on every call (``prepare_weight``'s cache), so
+# a changed weight or state never reuses a stale plan; no tensor is kept.
+_plans: dict[tuple, tuple] = {}
+_PLANS_LIMIT = 4096  # forgotten all at once beyond that
+
 
 def reset() -> None:
     """Forgets memoized choices and loaded files (after a re-tune, or in tests)."""
     _memo.clear()
     _entries_by_device.clear()
+    _plans.clear()
 
 
 def _device_entries(device: torch.device) -> tuple[str, list[dict]]:
@@ -234,11 +245,65 @@ def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.
     """``nf4_explorer.linear``'s forward, no autograd (see ``_api.linear`` for the contract).
     ``weight``: the weight validated already (``_format.prepare_weight_tensors``), for callers that
     hold tensors rather than a state (the custom op, bitsandbytes' gemm_4bit op)."""
+    key = None
+    if variant is None and config is None and type(x) is torch.Tensor and x.is_cuda:
+        if weight is None:
+            weight = prepare_weight(packed, state)
+        key = _plan_key(x, weight, bias)
+        plan = _plans.get(key) if key is not None else None
+        if plan is not None:
+            out = _run_plan(plan, x, weight, bias)
+            if out is not None:
+                return out
     args = prepare_linear(x, packed, state, bias, weight=weight)
     if args.m == 0:
         return x.new_empty((*x.shape[:-1], args.n))
     _run(args, "linear", *_resolve(args, "linear", variant, config))
+    if key is not None and x.is_contiguous() and args.bias is bias:  # no copy of x or bias was needed
+        _remember_plan(key, args)
     return args.result()
+
+
+def _plan_key(x: torch.Tensor, weight, bias: torch.Tensor | None) -> tuple | None:
+    """Everything ``prepare_linear`` and the dispatcher read of a problem, but the data pointers;
+    None for a bias that is not a plain tensor (the checks then say what is wrong)."""
+    if bias is not None and type(bias) is not torch.Tensor:
+        return None
+    return (x.dtype, x.shape, x.is_contiguous(), x.get_device(), tuple(weight.shape), weight.blocksize,
+            weight.nested_blocksize, weight.quant_type, weight.double_quant, weight.out_dtype, weight.device,
+            None if bias is None else (bias.dtype, bias.shape, bias.get_device(), bias.is_contiguous()))
+
+
+def _remember_plan(key: tuple, args) -> None:
+    choice, chosen = _resolve(args, "linear", None, None)  # what ran (a failed tuned entry fell back)
+    if chosen.kernel is None:
+        return
+    ready = _launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
+    if ready is None:
+        return
+    if len(_plans) >= _PLANS_LIMIT:
+        _plans.clear()
+    shape = None if args.x.dim() == 2 else (*args.x.shape[:-1], args.n)
+    _plans[key] = (ready, args.m, args.n, args.k, device_pair_table(args.weight.quant_type, args.device).data_ptr(),
+                   shape)
+
+
+def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Launches a remembered plan; None if it cannot (an unaligned pointer, a profiler's hook)."""
+    ready, m, n, k, table, shape = plan
+    if ready.device_index != torch.cuda.current_device():
+        return None  # the normal launch switches to the tensors' GPU
+    x2d = x if shape is None else x.view(m, k)
+    out = x2d.new_empty((m, n))
+    pointers = (x2d.data_ptr(), weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code2.data_ptr(),
+                weight.absmax2.data_ptr(), weight.offset.data_ptr(), table,
+                x2d.data_ptr() if bias is None else bias.data_ptr(), out.data_ptr())
+    aligned = 0
+    for pointer in pointers:
+        aligned |= pointer
+    if aligned & 15 or not ready.launch([*pointers, m, n, k]):
+        return None
+    return out if shape is None else out.view(shape)
 
 
 def explain(packed: torch.Tensor, state: Any, *, variant: str | None = None, config: Mapping | None = None) -> Choice:

@@ -109,6 +109,18 @@ def launch(kernel, grid: Callable[[Mapping], tuple], arguments: KernelArguments,
         _remember(key, compiled, program_grid, len(runtime), constexprs, kernel.arg_names, device_index)
 
 
+def ready_launch(name: str, arguments: KernelArguments, config: Mapping, device: torch.device) -> "_Ready | None":
+    """The fast-path launch kept by an earlier :func:`launch` of ``name`` on these exact arguments
+    (values, dtypes, alignment, config), or None. Holds no tensor: for a caller's own cache."""
+    if device.type != "cuda" or not _FAST_LAUNCH_OK[0]:
+        return None
+    runtime = arguments.runtime
+    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in runtime]
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    key = _ready_key(name, runtime, values, config, device_index, arguments.constexprs)
+    return _READY.get(key) if key is not None else None
+
+
 # CUDA's grid limits (HIP's are no smaller): 2^31 - 1 programs on the first axis, 65535 on the others.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
