@@ -18,9 +18,10 @@ places everything a thread touches:
 - the bfloat16 lookup pairs two codes per prmt and widens them by a shift and a mask.
 
 Measured (H200, docs/performance.md session 8): 25.6 µs at M = 1 on 14336x4096 and 4096x14336,
-against 34 µs for bitsandbytes' kernel and a 7.3 µs floor. The int32 work of the lookup bounds it
-(~4 int32 operations a code at 64 a cycle per SM is ~14 µs); it does not scale with M (the
-float32 multiply-adds do), so from M = 4 the tensor-core variants win.
+against 34 µs for bitsandbytes' kernel and a 7.3 µs floor. Memory latency bounds it: too few bytes
+in flight per SM (Nsight Compute, session 9: 1.0 TB/s, ~4 warps a scheduler, stalls on global
+loads), not the lookup's int32 work. It does not scale with M (the float32 multiply-adds do), so
+from M = 4 the tensor-core variants win.
 
 Codes are looked up on x's 16-bit grid (``_decode``'s register LUT asm) and multiplied in float32
 (the fused family's tolerance, not dequantize's bits). Needs rows of whole quantization blocks
