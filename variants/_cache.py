@@ -113,7 +113,8 @@ def kernel_hash(variant_name: str) -> str:
     function = variant.kernel if variant.kernel is not None else variant.run
     module = sys.modules[getattr(function, "fn", function).__module__]
     if variant.family == "linear":
-        builders = (_linear.LinearArgs.kernel_arguments, _format.device_pair_table, _format.problem_constexprs)
+        builders = (_linear.LinearArgs.kernel_arguments, _linear.runtime_arguments, _format.device_pair_table,
+                    _format.problem_constexprs)
     else:
         builders = (_format.DequantArgs.kernel_arguments, _format.device_table, _format.problem_constexprs)
     parts = [inspect.getsource(module), inspect.getsource(_decode), inspect.getsource(_launch.launch_options),

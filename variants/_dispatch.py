@@ -23,7 +23,7 @@ import torch
 
 from . import _cache, _launch, _registry
 from ._format import attach_output, device_pair_table, prepare, prepare_weight
-from ._linear import m_bucket, prepare_linear
+from ._linear import m_bucket, prepare_linear, runtime_arguments
 
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
 
@@ -295,13 +295,13 @@ def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -
         return None  # the normal launch switches to the tensors' GPU
     x2d = x if shape is None else x.view(m, k)
     out = x2d.new_empty((m, n))
-    pointers = (x2d.data_ptr(), weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code2.data_ptr(),
-                weight.absmax2.data_ptr(), weight.offset.data_ptr(), table,
-                x2d.data_ptr() if bias is None else bias.data_ptr(), out.data_ptr())
+    values = runtime_arguments(x2d.data_ptr(), weight, table, bias, out, m, n, k)
     aligned = 0
-    for pointer in pointers:
-        aligned |= pointer
-    if aligned & 15 or not ready.launch([*pointers, m, n, k]):
+    for i, value in enumerate(values[:9]):  # the pointers
+        if type(value) is not int:
+            values[i] = value = value.data_ptr()
+        aligned |= value
+    if aligned & 15 or not ready.launch(values):
         return None
     return out if shape is None else out.view(shape)
 

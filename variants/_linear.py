@@ -103,16 +103,20 @@ class LinearArgs:
                                                                w.double_quant)
             constexprs.update(HAS_BIAS=self.bias is not None, WEIGHT_DTYPE=_TL_DTYPES[w.out_dtype],
                               K_IN_BLOCKS=self.k % w.blocksize == 0, PTX=runs_ptx(self.device))
-        return KernelArguments(
-            [self.x2d, w.packed, w.absmax, w.code2, w.absmax2, w.offset, device_pair_table(w.quant_type, self.device),
-             self.bias if self.bias is not None else self.x2d, self.out, self.m, self.n, self.k],
-            constexprs,
-        )
+        return KernelArguments(runtime_arguments(self.x2d, w, device_pair_table(w.quant_type, self.device), self.bias,
+                                                 self.out, self.m, self.n, self.k), constexprs)
 
     def result(self) -> torch.Tensor:
         """The output in the caller's shape [..., N]."""
         out = self.out
         return out if out.dim() == self.x.dim() else out.view(*self.x.shape[:-1], self.n)
+
+
+def runtime_arguments(x2d, weight: DequantArgs, table, bias, out, m: int, n: int, k: int) -> list:
+    """The family's runtime kernel arguments in signature order (see this module's docstring): from
+    ``kernel_arguments``, and from the dispatcher's lean path with data pointers in place of tensors."""
+    return [x2d, weight.packed, weight.absmax, weight.code2, weight.absmax2, weight.offset, table,
+            bias if bias is not None else x2d, out, m, n, k]
 
 
 def prepare_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
