@@ -242,7 +242,7 @@ register(Variant(
     space={
         "TILES": (1, 2),
         "CH": (2, 4),
-        "MT": (1, 2),
+        "MT": (1, 2, 4, 8),
         "KS": (2, 4, 8),
         "num_warps": (4, 8),
         "num_stages": (1,),

@@ -1,0 +1,123 @@
+"""linear_lut_gemm: a fused 4-bit GEMM for mid-to-large M, one tensor-core product a step.
+
+Each program owns a BLOCK_M x BLOCK_N tile of the output (grouped tile order, Triton's tutorial
+03) and walks K in steps of WORDS packed 32-bit words (8 * WORDS columns):
+
+- codes are looked up in registers with PTX ``prmt`` and scaled by their block's absmax in
+  packed 16-bit multiplies (``_decode.lut_weights``, as ``linear_lut_tiled`` does: a 16-bit
+  weight in x's dtype, within the fused family's tolerance rather than dequantize's bits);
+- the 8 elements of every word are joined back into k order in registers (``tl.join`` adds the
+  innermost axis, so the join is free), giving the weight tile [BLOCK_N, 8 * WORDS];
+- the step is one ``tl.dot`` of x's tile [BLOCK_M, 8 * WORDS] and the weight tile (float32
+  accumulation): on Hopper one warpgroup MMA over the whole step, where ``linear_lut_tiled``
+  issues eight thin products of K = WORDS each (the right shape for M <= 32, not for large tiles).
+
+The packed weight is read once per M tile and never written dequantized, so a tile of M = 256
+decodes each weight once. Needs rows of whole quantization blocks (K % blocksize == 0: every LLM
+shape) and a 16-bit x."""
+
+import triton
+import triton.language as tl
+
+from ._decode import dot, lut_weights, step_absmax, to_output
+from ._linear import lut_refusal
+from ._registry import Variant, fits_shared_memory, register
+
+
+@triton.jit
+def _in_k_order(w0, w1, w2, w3, w4, w5, w6, w7):
+    """Elements 0..7 of every word [rows, WORDS] as one tile [rows, 8 * WORDS] in k order: column
+    8w + j is element j of word w. Each join adds the innermost axis, so j = 4a + 2b + c is built
+    from a (first join) to c (last)."""
+    b0c0 = tl.join(w0, w4)
+    b0c1 = tl.join(w1, w5)
+    b1c0 = tl.join(w2, w6)
+    b1c1 = tl.join(w3, w7)
+    c0 = tl.join(b0c0, b1c0)
+    c1 = tl.join(b0c1, b1c1)
+    tile = tl.join(c0, c1)  # [rows, WORDS, 2 (a), 2 (b), 2 (c)]
+    return tl.reshape(tile, (w0.shape[0], 8 * w0.shape[1]))
+
+
+@triton.jit
+def linear_lut_gemm_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    # A step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words.
+    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
+    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
+    rows_x = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_w = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_mask = rows_x < M
+    w_mask = rows_w < N
+    words_per_row = tl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
+    w_rows = packed_ptr.to(tl.pointer_type(tl.int32)) + rows_w.to(tl.int64)[:, None] * words_per_row
+    x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * K
+    block_rows = rows_w.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+    if SWAP:  # out.T = W @ x.T: the weight tile is the product's M side (small M: no wasted MMA rows)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for word_start in range(0, words_per_row, WORDS):
+        col_words = word_start + tl.arange(0, WORDS)
+        in_k = col_words < words_per_row
+        words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
+        absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, w_mask, word_start, K,
+                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCKS, PER_BLOCK)), (BLOCK_N, WORDS))
+        w0, w1, w2, w3, w4, w5, w6, w7 = lut_weights(words, absmax, table_ptr, x_ptr.dtype.element_ty, PTX)
+        cols = word_start * 8 + tl.arange(0, 8 * WORDS)
+        x = tl.load(x_rows + cols[None, :], mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
+        w = _in_k_order(w0, w1, w2, w3, w4, w5, w6, w7)
+        if SWAP:
+            acc = dot(w, tl.trans(x), acc)
+        else:
+            acc = dot(x, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
+    tl.store(out, to_output(acc, out_ptr), mask=x_mask[:, None] & w_mask[None, :])
+
+
+def _grid(args, config):
+    return (triton.cdiv(args.m, config["BLOCK_M"]) * triton.cdiv(args.n, config["BLOCK_N"]),)
+
+
+def _accepts(args):
+    return lut_refusal(args, "linear_lut_gemm", "multiplies 16-bit weights")
+
+
+register(Variant(
+    name="linear_lut_gemm",
+    family="linear",
+    kernel=linear_lut_gemm_kernel,
+    grid=_grid,
+    space={
+        "BLOCK_M": (16, 32, 64, 128, 256),
+        "BLOCK_N": (64, 128, 256),
+        "WORDS": (8, 16, 32),
+        "GROUP_M": (1, 8),
+        "SWAP": (False, True),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4),
+    },
+    default={"BLOCK_M": 128, "BLOCK_N": 128, "WORDS": 8, "GROUP_M": 8, "SWAP": False, "num_warps": 8, "num_stages": 3},
+    description="fused GEMM: register LUT decode joined into k order, one tl.dot over the whole step",
+    allowed=lambda config, blocksize: (config["BLOCK_N"] * config["WORDS"] <= 4096 and fits_shared_memory(config)),
+    accepts=_accepts,
+))
