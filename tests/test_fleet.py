@@ -51,7 +51,7 @@ def test_two_workers_share_one_study(tmp_path):
         assert len(finished) == len(trials), "unfinished trials left behind"
         # Both workers stop at the budget; a race can add at most one trial per extra worker.
         assert TRIALS <= len(finished) <= TRIALS + 1
-        _, variant, _, _, _, dtype, shape = summary.study_name.split(":")
+        _, variant, _, _, _, dtype, shape, _ = summary.study_name.split(":")
         candidate = (study.best_value, variant, study.best_params)
         best[shape] = min(best.get(shape, candidate), candidate, key=lambda c: c[0])
 

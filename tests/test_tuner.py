@@ -82,6 +82,31 @@ def test_interrupted_optuna_study_resumes(config_dir, device, tmp_path):
     assert summary.n_trials == 5
 
 
+def test_a_changed_search_space_starts_a_new_study(config_dir, device, tmp_path, monkeypatch):
+    """A study of the old space is not resumed: Optuna refuses a categorical whose values changed
+    ("dynamic value space"), and the old timings are stale anyway."""
+    import dataclasses
+
+    import optuna
+    from nf4_explorer import _registry
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    workload = Workload.make(TINY, device)
+    kwargs = dict(storage=storage, seed=0, device_slug="fake", deadline=None, on_trial=lambda best: None)
+    assert optuna_search(workload, "where_gather", trials=3, **kwargs)[1] == 3
+    old = nf4_explorer.get("where_gather")
+    key, values = next((k, v) for k, v in old.space.items() if len(v) > 1)
+    narrower = dataclasses.replace(old, space={**old.space, key: tuple(v for v in values if v == old.default[key])})
+    monkeypatch.setitem(_registry._REGISTRY, "where_gather", narrower)
+    _cache.kernel_hash.cache_clear()  # the hash covers the space; it is cached per name
+    try:
+        best, count = optuna_search(workload, "where_gather", trials=2, **kwargs)
+    finally:
+        _cache.kernel_hash.cache_clear()  # (the old variant is back at teardown)
+    assert count == 2 and best["config"][key] == old.default[key]
+    assert len(optuna.get_all_study_summaries(storage)) == 2
+
+
 def _merge_worker(path, shape):
     entry = _entry(Problem(shape, "bfloat16"), "word_unpack", nf4_explorer.get("word_unpack").default_config(64))
     cache_writer.merge(path, [entry], {"device_name": "Fake GPU 9000"})

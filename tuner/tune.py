@@ -119,10 +119,13 @@ def measure(workload, name: str, config: dict) -> float:
 
 
 def study_name(device_slug: str, name: str, problem: Problem) -> str:
+    """The Optuna study of (GPU, variant, problem). It ends with the variant's kernel hash, so a
+    changed kernel or search space starts a new study: an old one's timings are stale, and Optuna
+    refuses a categorical whose values changed."""
     key = problem.key()
     family = f"linear:m{key['m_bucket']}:" if key.get("family") == "linear" else ""
     return (f"{device_slug}:{family}{name}:{key['quant_type']}:bs{key['blocksize']}:dq{int(key['double_quant'])}:"
-            f"{key['out_dtype']}:{'x'.join(map(str, key['shape']))}")
+            f"{key['out_dtype']}:{'x'.join(map(str, key['shape']))}:k{tuning.kernel_hash(name)}")
 
 
 def default_storage() -> str:
