@@ -26,12 +26,13 @@ def _problem(n, k, m, dtype, device, blocksize=64, double_quant=True, quant_type
 
 
 def _configs(name, blocksize):
-    """The default config and two more of the variant's space (every variant is tested at three)."""
+    """The default config and up to three more of the variant's space: its first, middle and last
+    (the space's last values, e.g. ``linear_lut_gemm``'s SWAP, appear in the last half only)."""
     variant = nf4_explorer.get(name)
     configs = variant.configs(blocksize)
     default = variant.default_config(blocksize)
     others = [c for c in configs if c != default]
-    return [default] + ([others[0], others[len(others) // 2]] if len(others) > 1 else others)
+    return [default] + [others[i] for i in sorted({0, len(others) // 2, len(others) - 1})] if others else [default]
 
 
 def _check(name, config, x, packed, state, bias):

@@ -249,8 +249,11 @@ register(Variant(
     },
     default={"TILES": 1, "CH": 4, "MT": 1, "KS": 4, "num_warps": 4, "num_stages": 1},
     description="tensor-core GEMV: register LUT decode straight into mma.sync fragments, k permuted per word",
-    # A thread's CH words share one absmax block.
-    allowed=lambda config, blocksize: (8 * config["CH"] <= blocksize and config["num_warps"] % config["KS"] == 0),
+    # A thread's CH words share one absmax block. A thread holds 4 accumulators and 4 registers of x
+    # per unit of MT x CH x TILES: past 16 units ptxas spills to the stack (sm_90), so those configs
+    # are left out of the space.
+    allowed=lambda config, blocksize: (8 * config["CH"] <= blocksize and config["num_warps"] % config["KS"] == 0
+                                       and config["MT"] * config["CH"] * config["TILES"] <= 16),
     min_capability=(8, 0),
     accepts=_accepts,
 ))
