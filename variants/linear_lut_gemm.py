@@ -123,6 +123,8 @@ register(Variant(
     },
     default={"BLOCK_M": 128, "BLOCK_N": 128, "WORDS": 8, "GROUP_M": 8, "SWAP": False, "num_warps": 8, "num_stages": 3},
     description="fused GEMM: register LUT decode joined into k order, one tl.dot over the whole step",
-    allowed=lambda config, blocksize: (config["BLOCK_N"] * config["WORDS"] <= 4096 and fits_shared_memory(config)),
+    # At most 128 float32 accumulators a thread (more spill to the stack, sm_90).
+    allowed=lambda config, blocksize: (config["BLOCK_N"] * config["WORDS"] <= 4096 and fits_shared_memory(config)
+                                       and config["BLOCK_M"] * config["BLOCK_N"] <= 4096 * config["num_warps"]),
     accepts=_accepts,
 ))
