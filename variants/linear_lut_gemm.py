@@ -10,7 +10,7 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output (grouped tile order, Tr
   innermost axis held by the same thread), giving the weight tile [BLOCK_N, 8 * WORDS];
 - the step is one ``tl.dot`` of x's tile [BLOCK_M, 8 * WORDS] and the weight tile (float32
   accumulation): on Hopper one warpgroup MMA over the whole step, where ``linear_lut_tiled``
-  issues eight thin products of K = WORDS each (the right shape for M <= 32, not for large tiles).
+  issues eight thin products of K = WORDS each.
 
 The packed weight is read once per M tile and never written dequantized, so a tile of M = 256
 decodes each weight once. Needs rows of whole quantization blocks (K % blocksize == 0: every LLM
@@ -18,8 +18,8 @@ shape) and a 16-bit x.
 
 Measured (H200, docs/performance.md session 10): 14336x4096 at M = 32, 64, 128, 256 in 45.0, 46.4,
 57.1, 91.4 µs (bitsandbytes 73.9-123.6, dense bf16 41.1-49.9). The decode and the MMA take turns in
-the same warps, so from M = 256 the MMA's time adds to the decode's; and it needs N / BLOCK_N
-output tiles to fill the GPU: the down projection (N = 4096) would need split-K (not written)."""
+the same warps, so their times add (the MMA's is large from M = 256); and it needs enough output
+tiles to fill the GPU: the down projection (N = 4096) would need split-K (not written)."""
 
 import triton
 import triton.language as tl
