@@ -352,3 +352,40 @@ def step_absmax(
     mask = row_mask[:, None] & (block < K // BLOCKSIZE)[None, :]
     return load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows + block[None, :], mask, 0,
                        NESTED_BLOCKSIZE, DOUBLE_QUANT, False)
+
+
+@triton.jit
+def lut_step_weights(
+    w_rows, block_rows, row_mask, word_start, words_per_row, K, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+    table_ptr, DTYPE: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr, PTX: tl.constexpr,
+):
+    """One step of the register-LUT GEMMs: the 16-bit weights (``lut_weights``: elements 0..7 of
+    every word, [rows, WORDS] each) of the WORDS packed words from word ``word_start`` of weight
+    rows that hold whole blocks. ``w_rows`` [rows, 1]: int32 pointers to each row's words;
+    ``block_rows`` [rows, 1]: each row's first block. Words past the row's end read as 0."""
+    # The step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words.
+    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
+    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
+    col_words = word_start + tl.arange(0, WORDS)
+    words = tl.load(w_rows + col_words[None, :], mask=row_mask[:, None] & (col_words < words_per_row)[None, :],
+                    other=0)
+    absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, row_mask, word_start, K,
+                         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
+    rows: tl.constexpr = w_rows.shape[0]
+    absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows, BLOCKS, PER_BLOCK)), (rows, WORDS))
+    return lut_weights(words, absmax, table_ptr, DTYPE, PTX)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile along M, tile along N) of this program in grouped order (Triton's tutorial 03): GROUP_M
+    tiles along M run next to each other, so that neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * tiles_n) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+    return tile_m, tile_n

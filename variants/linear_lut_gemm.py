@@ -24,7 +24,7 @@ tiles to fill the GPU: the down projection (N = 4096) would need split-K (not wr
 import triton
 import triton.language as tl
 
-from ._decode import dot, lut_weights, step_absmax, to_output
+from ._decode import dot, grouped_tile, lut_step_weights, to_output
 from ._linear import lut_refusal
 from ._registry import Variant, fits_shared_memory, register
 
@@ -52,18 +52,8 @@ def linear_lut_gemm_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = min(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+    tile_m, tile_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    # A step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words.
-    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
-    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
     rows_x = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_w = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_mask = rows_x < M
@@ -77,13 +67,9 @@ def linear_lut_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for word_start in range(0, words_per_row, WORDS):
-        col_words = word_start + tl.arange(0, WORDS)
-        in_k = col_words < words_per_row
-        words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
-        absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, w_mask, word_start, K,
-                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
-        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCKS, PER_BLOCK)), (BLOCK_N, WORDS))
-        w0, w1, w2, w3, w4, w5, w6, w7 = lut_weights(words, absmax, table_ptr, x_ptr.dtype.element_ty, PTX)
+        w0, w1, w2, w3, w4, w5, w6, w7 = lut_step_weights(
+            w_rows, block_rows, w_mask, word_start, words_per_row, K, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+            table_ptr, x_ptr.dtype.element_ty, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WORDS, PTX)
         cols = word_start * 8 + tl.arange(0, 8 * WORDS)
         x = tl.load(x_rows + cols[None, :], mask=x_mask[:, None] & (cols < K)[None, :], other=0.0)
         w = _in_k_order(w0, w1, w2, w3, w4, w5, w6, w7)

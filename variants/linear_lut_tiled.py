@@ -13,7 +13,7 @@ quantization blocks (K % blocksize == 0: every LLM shape) and a 16-bit x."""
 import triton
 import triton.language as tl
 
-from ._decode import dot, lut_weights, step_absmax, to_output, word_columns
+from ._decode import dot, lut_step_weights, to_output, word_columns
 from ._linear import lut_refusal
 from ._registry import Variant, fits_shared_memory, register
 
@@ -26,9 +26,6 @@ def linear_lut_tiled_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
 ):
-    # A step's WORDS words per row hold BLOCKS quantization blocks of PER_BLOCK words.
-    PER_BLOCK: tl.constexpr = min(BLOCKSIZE // 8, WORDS)
-    BLOCKS: tl.constexpr = WORDS // PER_BLOCK
     rows_w = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     w_mask = rows_w < N
@@ -42,11 +39,9 @@ def linear_lut_tiled_kernel(
     for word_start in range(0, words_per_row, WORDS):
         col_words = word_start + tl.arange(0, WORDS)
         in_k = col_words < words_per_row
-        words = tl.load(w_rows + col_words[None, :], mask=w_mask[:, None] & in_k[None, :], other=0)
-        absmax = step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block_rows, w_mask, word_start, K,
-                             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCKS, PER_BLOCK)
-        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, BLOCKS, PER_BLOCK)), (BLOCK_N, WORDS))
-        w0, w1, w2, w3, w4, w5, w6, w7 = lut_weights(words, absmax, table_ptr, x_dtype, PTX)
+        w0, w1, w2, w3, w4, w5, w6, w7 = lut_step_weights(
+            w_rows, block_rows, w_mask, word_start, words_per_row, K, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+            table_ptr, x_dtype, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WORDS, PTX)
         x0, x1, x2, x3, x4, x5, x6, x7 = word_columns(x_rows, col_words, x_mask[:, None, None] & in_k[None, :, None],
                                                       x_dtype)
         acc = dot(x0, tl.trans(w0), acc)

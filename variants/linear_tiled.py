@@ -9,7 +9,7 @@ order groups GROUP_M tiles along M so that neighbouring programs share weight ti
 import triton
 import triton.language as tl
 
-from ._decode import byte_pair_values, dot, round_to, to_output, weight_tile, weight_words, word_absmax
+from ._decode import byte_pair_values, dot, grouped_tile, round_to, to_output, weight_tile, weight_words, word_absmax
 from ._registry import Variant, fits_shared_memory, register
 
 
@@ -21,14 +21,7 @@ def linear_tiled_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = min(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+    tile_m, tile_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows_x = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_w = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
