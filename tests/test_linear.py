@@ -179,9 +179,23 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
     nearest = nf4_explorer.explain_linear(torch.randn(2, 128, dtype=torch.bfloat16, device=device), other_packed,
                                           other_state)
     assert (nearest.variant, nearest.reason) == ("linear_gemv", "tuned (nearest shape)")
-    fp16 = nf4_explorer.explain_linear(torch.randn(2000, 64, dtype=torch.float16, device=device),
-                                       *_problem(8, 64, 1, torch.float16, device)[1:3])
-    assert (fp16.variant, fp16.reason) == ("linear_dequantize", "default")
+    # float16 x, nothing tuned for float16: the bfloat16 entries, by the same order.
+    fp16 = lambda m: nf4_explorer.explain_linear(torch.randn(m, 128, dtype=torch.float16, device=device),  # noqa: E731
+                                                 packed, state)
+    assert (fp16(1).variant, fp16(1).reason) == ("linear_gemv", "tuned (other 16-bit dtype)")
+    assert (fp16(50).variant, fp16(50).reason) == ("linear_tiled", "tuned (other 16-bit dtype)")
+    assert "a bfloat16 entry" in fp16(50).detail
+    float32 = nf4_explorer.explain_linear(torch.randn(50, 128, dtype=torch.float32, device=device), packed, state)
+    assert (float32.variant, float32.reason) == ("linear_dequantize", "default")
+    # A float16 entry at the same M bucket and shape wins over the bfloat16 one; another M bucket does not.
+    own = {**entry(64, "linear_gemv", gemv), "out_dtype": "float16"}
+    document = json.loads((directory / f"{tuning.slug('Fake GPU 9000')}.json").read_text())
+    document["entries"].append(own)
+    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps(document))
+    _dispatch.reset()
+    assert (fp16(50).variant, fp16(50).reason) == ("linear_gemv", "tuned (exact)")
+    assert (fp16(1).variant, fp16(1).reason) == ("linear_gemv", "tuned (other 16-bit dtype)")
+    assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")
 
 
 @pytest.mark.gpu

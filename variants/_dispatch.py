@@ -4,7 +4,8 @@ Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT``
 ``$NF4_EXPLORER_LINEAR_VARIANT`` (linear), then the GPU's tuned file (see ``_cache.load_entries``
 for which file and its tiers), else the built-in default. A dequantize problem matches the exact
 shape, else the nearest size bucket with the same quant type, blocksize, double quant and dtype; a
-linear problem the exact [N, K] at the nearest M bucket, else the nearest shape. A variant that
+linear problem the exact [N, K] at the nearest M bucket, else the nearest shape (a float16 x takes a
+bfloat16 entry where no float16 one is nearer, and the other way round). A variant that
 cannot take a problem (``Variant.accepts``) is passed over for the family's always-valid fallback.
 The choice is memoized per problem, so a steady-state call costs one dict lookup before the launch.
 
@@ -41,6 +42,11 @@ LINEAR_MMA_MAX_M = 16
 LINEAR_GEMV_MAX_M = 4
 LINEAR_GEMV_MAX_WEIGHTS = 1 << 24
 LINEAR_FALLBACK = "linear_dequantize"  # takes every problem
+# A linear problem with no tuned entry for x's 16-bit dtype takes the other 16-bit dtype's: every
+# fused kernel is the same code for both (the weight is decoded on x's grid), so a config tuned
+# for one is a tuned guess for the other, where the untuned default runs dequantize + cuBLAS from
+# M = 32 (docs/performance.md, session 11).
+_TWIN_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +54,7 @@ class Choice:
     """What runs for a problem, and why.
 
     reason is one of "argument", "environment", "tuned (exact)", "tuned (nearest bucket)",
-    "tuned (nearest M bucket)", "tuned (nearest shape)", "default"; ``source`` names the tuned file
+    "tuned (nearest M bucket)", "tuned (nearest shape)", "tuned (other 16-bit dtype)", "default"; ``source`` names the tuned file
     or the override, ``detail`` the matched entry.
     """
 
@@ -119,14 +125,22 @@ def _choose_dequantize(args) -> Choice:
 def _choose_linear(args) -> Choice:
     source, entries = _device_entries(args.device)
     bucket = m_bucket(args.m)
-    same_kind = [e for e in entries if _same_format(e, args.weight, _cache.DTYPE_NAMES[args.dtype], "linear")]
+    dtype = _cache.DTYPE_NAMES[args.dtype]
+    dtypes = (dtype, _TWIN_DTYPES[dtype]) if dtype in _TWIN_DTYPES else (dtype,)
+    same_kind = [e for e in entries if any(_same_format(e, args.weight, d, "linear") for d in dtypes)]
     distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
     if same_kind:
         # The nearest M bucket first (what wins depends on M far more than on the shape: an exact
-        # shape tuned at M = 8 says nothing about M = 2048), then the exact shape, then the nearest size.
+        # shape tuned at M = 8 says nothing about M = 2048), then the exact shape, then x's own
+        # dtype over the other 16-bit one, then the nearest size.
         size = _cache.size_bucket(args.n * args.k)
         entry = min(same_kind, key=lambda e: (distance(e), list(e["shape"]) != [args.n, args.k],
-                                              abs(e["size_bucket"] - size), -e["size_bucket"], -e["m_bucket"]))
+                                              e["out_dtype"] != dtype, abs(e["size_bucket"] - size),
+                                              -e["size_bucket"], -e["m_bucket"]))
+        if entry["out_dtype"] != dtype:
+            return Choice(entry["variant"], dict(entry["config"]), "tuned (other 16-bit dtype)", source,
+                          _tier(entry, f"a {entry['out_dtype']} entry, shape {entry['shape']} M bucket "
+                                       f"{entry['m_bucket']}, for {dtype} x [{args.n}, {args.k}] M = {args.m}"))
         if list(entry["shape"]) == [args.n, args.k]:
             reason = "tuned (exact)" if entry["m_bucket"] == bucket else "tuned (nearest M bucket)"
             return Choice(entry["variant"], dict(entry["config"]), reason, source,
