@@ -59,6 +59,21 @@ def test_every_variant_within_the_contract(name, dtype, device):
         _check(name, config, x, packed, state, bias)
 
 
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_split_k_within_the_contract(split, bias, device):
+    """linear_lut_gemm's split-K: K = 384 is 6 steps of WORDS = 8 words, run in splits of 3, 3 steps;
+    2, 2, 2, 0; and 1 x 6, 0, 0 (empty runs write zeros); the bias is added once, after the sum; two
+    calls give the same bits (the planes are added in a fixed order)."""
+    config = {**nf4_explorer.get("linear_lut_gemm").default_config(64), "BLOCK_M": 16, "BLOCK_N": 64, "WORDS": 8,
+              "SPLIT_K": split, "num_warps": 4}
+    x, packed, state, b = _problem(80, 384, 20, torch.bfloat16, device, bias=bias)
+    _check("linear_lut_gemm", config, x, packed, state, b)
+    first = nf4_explorer.linear(x, packed, state, b, variant="linear_lut_gemm", config=config)
+    assert_bit_equal(nf4_explorer.linear(x, packed, state, b, variant="linear_lut_gemm", config=config), first,
+                     "split-K twice")
+
+
 @pytest.mark.parametrize("name", LINEAR)
 @pytest.mark.parametrize("fmt", [dict(quant_type="fp4", double_quant=False, blocksize=32),
                                  dict(quant_type="nf4", double_quant=True, blocksize=128),

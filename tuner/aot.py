@@ -60,6 +60,9 @@ def compile_config(
 
         constexprs.update(HAS_BIAS=True, WEIGHT_DTYPE=getattr(tl, out_dtype), K_IN_BLOCKS=True,
                           PTX=target.backend == "cuda")
+        if config.get("SPLIT_K", 1) > 1:  # split-K writes float32 partial sums; the bias comes after them
+            sig["out_ptr"] = "*fp32"
+            constexprs["HAS_BIAS"] = False
     attrs = {}
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if sig[arg] != "constexpr"}

@@ -292,6 +292,9 @@ def _remember_plan(key: tuple, args) -> None:
     choice, chosen = _resolve(args, "linear", None, None)  # what ran (a failed tuned entry fell back)
     if chosen.kernel is None:
         return
+    # A variant with a run of its own plans only where run made the family's one launch under the
+    # variant's name (linear_lut_gemm without split-K): its other launches go by other names, so
+    # ready_launch finds nothing for them.
     ready = _launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
     if ready is None:
         return

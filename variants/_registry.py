@@ -11,7 +11,8 @@ built by the family's argument object (``DequantArgs.kernel_arguments()``,
     linear:     see ``_linear.py``
 
 A variant file defines its ``@triton.jit`` kernel (or, for a variant built on other libraries, a
-``run`` function), its grid, its search space and default config, and calls :func:`register`.
+``run`` function; both, where some configs launch the kernel with a workspace), its grid, its search
+space and default config, and calls :func:`register`.
 Adding a variant is adding one file to ``variants/``.
 """
 
@@ -48,7 +49,9 @@ class Variant:
                  (major, minor) for a kernel that needs an NVIDIA GPU of that compute capability or
                  newer (a Gluon kernel: no interpreter, no AMD).
     family:      "dequantize" or "linear" (the argument object it takes: DequantArgs, LinearArgs).
-    run:         for a variant without a Triton kernel of its own: ``run(args, config)``.
+    run:         ``run(args, config)``: for a variant without a Triton kernel of its own, or one whose
+                 kernel some configs launch more than once (a workspace, a second kernel); given
+                 with ``kernel``, it launches ``kernel`` itself.
     accepts:     ``accepts(args) -> str | None``: why this variant cannot take a problem (the
                  dispatcher and the tuner then skip it), or None.
     """
@@ -62,7 +65,7 @@ class Variant:
     allowed: Callable[[Config, int], bool] = lambda config, blocksize: True
     min_capability: tuple[int, int] | None = None
     family: str = "dequantize"
-    run: Callable | None = None  # run(args, config): a variant that launches no kernel of its own
+    run: Callable | None = None  # run(args, config): launches the variant (its kernel, if any, through _launch)
     accepts: Callable[[object], str | None] = lambda args: None  # why it cannot take a problem, or None
 
     def unavailable_reason(self, device: torch.device) -> str | None:
@@ -159,8 +162,8 @@ def register(variant: Variant) -> Variant:
         raise ValueError(f"a variant named {variant.name!r} is already registered")
     if variant.family not in FAMILIES:
         raise ValueError(f"{variant.name}: unknown family {variant.family!r}: use one of {FAMILIES}")
-    if (variant.kernel is None) == (variant.run is None):
-        raise ValueError(f"{variant.name}: give exactly one of kernel= (a Triton kernel) and run=")
+    if variant.kernel is None and variant.run is None:
+        raise ValueError(f"{variant.name}: give kernel= (a Triton kernel), run=, or both")
     for key, values in variant.space.items():
         if variant.default.get(key) not in values:
             raise ValueError(f"{variant.name}: default {key}={variant.default.get(key)!r} is not in its space")

@@ -16,16 +16,23 @@ The packed weight is read once per M tile and never written dequantized, so a ti
 decodes each weight once. Needs rows of whole quantization blocks (K % blocksize == 0: every LLM
 shape) and a 16-bit x.
 
+Split-K (SPLIT_K > 1), for shapes with too few output tiles to fill the GPU (the down projection,
+N = 4096: 32 tiles of 128 columns): program (tile, s) walks the s-th run of the K steps and writes
+its float32 sums to plane s of a workspace [SPLIT_K, M, N]; a second kernel adds the planes in
+order (and the bias) and casts once, so the result does not depend on which program ends first.
+
 Measured (H200, docs/performance.md session 10): 14336x4096 at M = 32, 64, 128, 256 in 45.0, 46.4,
 57.1, 91.4 µs (bitsandbytes 73.9-123.6, dense bf16 41.1-49.9). The decode and the MMA take turns in
-the same warps, so their times add (the MMA's is large from M = 256); and it needs enough output
-tiles to fill the GPU: the down projection (N = 4096) would need split-K (not written)."""
+the same warps, so their times add (the MMA's is large from M = 256)."""
 
+import torch
 import triton
 import triton.language as tl
 
 from ._decode import dot, grouped_tile, lut_step_weights, to_output
-from ._linear import lut_refusal
+from ._format import device_pair_table
+from ._launch import KernelArguments, launch
+from ._linear import lut_refusal, runtime_arguments
 from ._registry import Variant, fits_shared_memory, register
 
 
@@ -51,6 +58,7 @@ def linear_lut_gemm_kernel(
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, QUANT_TYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, K_IN_BLOCKS: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     tile_m, tile_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -66,7 +74,13 @@ def linear_lut_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for word_start in range(0, words_per_row, WORDS):
+    if SPLIT_K == 1:
+        first, last = 0, words_per_row
+    else:  # this program's run of steps: a multiple of WORDS words (the last run may be short or empty)
+        run = tl.cdiv(tl.cdiv(words_per_row, WORDS), SPLIT_K) * WORDS
+        first = tl.program_id(1) * run
+        last = tl.minimum(first + run, words_per_row)
+    for word_start in range(first, last, WORDS):
         w0, w1, w2, w3, w4, w5, w6, w7 = lut_step_weights(
             w_rows, block_rows, w_mask, word_start, words_per_row, K, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
             table_ptr, x_ptr.dtype.element_ty, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, WORDS, PTX)
@@ -82,11 +96,50 @@ def linear_lut_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_w, mask=w_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows_x.to(tl.int64)[:, None] * N + rows_w[None, :]
+    if SPLIT_K > 1:  # out is the float32 workspace [SPLIT_K, M, N]
+        out += tl.program_id(1).to(tl.int64) * M * N
     tl.store(out, to_output(acc, out_ptr), mask=x_mask[:, None] & w_mask[None, :])
 
 
+@triton.jit
+def sum_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """out [M, N] = the SPLIT_K float32 planes of part [SPLIT_K, M, N] added in order (+ bias), cast once."""
+    size = M.to(tl.int64) * N
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = at < size
+    acc = tl.load(part_ptr + at, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * size + at, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + at % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, to_output(acc, out_ptr), mask=mask)
+
+
+_SUM_CONFIG = {"BLOCK": 1024, "num_warps": 4}
+
+
 def _grid(args, config):
-    return (triton.cdiv(args.m, config["BLOCK_M"]) * triton.cdiv(args.n, config["BLOCK_N"]),)
+    return (triton.cdiv(args.m, config["BLOCK_M"]) * triton.cdiv(args.n, config["BLOCK_N"]), config["SPLIT_K"])
+
+
+def _run(args, config):
+    arguments = args.kernel_arguments()
+    split = config["SPLIT_K"]
+    if split == 1:  # one launch, under the variant's name (the dispatcher's lean path replays it)
+        launch(linear_lut_gemm_kernel, lambda c: _grid(args, c), arguments, config, args.device, "linear_lut_gemm")
+        return
+    # A workspace per call: the caching allocator makes it cheap, and it is safe on any stream and
+    # inside a CUDA-graph capture. The bias waits for the sum.
+    part = torch.empty((split, args.m, args.n), dtype=torch.float32, device=args.device)
+    table = device_pair_table(args.weight.quant_type, args.device)
+    partial = KernelArguments(runtime_arguments(args.x2d, args.weight, table, None, part, args.m, args.n, args.k),
+                              {**arguments.constexprs, "HAS_BIAS": False})
+    launch(linear_lut_gemm_kernel, lambda c: _grid(args, c), partial, config, args.device, "linear_lut_gemm:split")
+    total = KernelArguments([part, args.bias if args.bias is not None else part, args.out, args.m, args.n],
+                            {"SPLIT_K": split, "HAS_BIAS": args.bias is not None})
+    launch(sum_splits_kernel, lambda c: (triton.cdiv(args.m * args.n, c["BLOCK"]),), total, _SUM_CONFIG, args.device,
+           "linear_lut_gemm:sum")
 
 
 def _accepts(args):
@@ -98,17 +151,20 @@ register(Variant(
     family="linear",
     kernel=linear_lut_gemm_kernel,
     grid=_grid,
+    run=_run,
     space={
         "BLOCK_M": (16, 32, 64, 128, 256),
         "BLOCK_N": (64, 128, 256),
         "WORDS": (8, 16, 32),
         "GROUP_M": (1, 8),
         "SWAP": (False, True),
+        "SPLIT_K": (1, 2, 4, 8),
         "num_warps": (4, 8),
         "num_stages": (3, 4),
     },
-    default={"BLOCK_M": 128, "BLOCK_N": 128, "WORDS": 8, "GROUP_M": 8, "SWAP": False, "num_warps": 8, "num_stages": 3},
-    description="fused GEMM: register LUT decode joined into k order, one tl.dot over the whole step",
+    default={"BLOCK_M": 128, "BLOCK_N": 128, "WORDS": 8, "GROUP_M": 8, "SWAP": False, "SPLIT_K": 1, "num_warps": 8,
+             "num_stages": 3},
+    description="fused GEMM: register LUT decode joined into k order, one tl.dot over the whole step, split-K",
     # At most 128 float32 accumulators a thread (more spill to the stack, sm_90).
     allowed=lambda config, blocksize: (config["BLOCK_N"] * config["WORDS"] <= 4096 and fits_shared_memory(config)
                                        and config["BLOCK_M"] * config["BLOCK_N"] <= 4096 * config["num_warps"]),
