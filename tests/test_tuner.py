@@ -107,6 +107,35 @@ def test_a_changed_search_space_starts_a_new_study(config_dir, device, tmp_path,
     assert len(optuna.get_all_study_summaries(storage)) == 2
 
 
+def test_a_new_study_starts_from_the_default_and_the_files_configs(device, tmp_path):
+    """A new study first times the variant's default, then its configs tuned for other problems in
+    the file being merged into (a winner's and a runner-up's; one from before a parameter was
+    added takes that parameter's default; an invalid one is left out)."""
+    import optuna
+
+    from nf4_explorer.tuner.tune import start_configs
+
+    variant = nf4_explorer.get("where_gather")
+    configs = [c for c in variant.configs(64) if c != variant.default_config(64)]
+    winner, runner_up = configs[0], configs[-1]
+    # A config from before num_warps was a parameter (one whose completion is none of the above).
+    old = next(o for o in ({k: v for k, v in c.items() if k != "num_warps"} for c in configs)
+               if {**variant.default, **o} not in (variant.default_config(64), winner, runner_up))
+    other = Problem((16, 64), "bfloat16", 64, True, "nf4")
+    path = tmp_path / "fake.json"
+    _write(path, [_entry(other, "where_gather", winner, others={"where_gather": {"config": runner_up, "time_us": 2}}),
+                  _entry(other, "per_row", nf4_explorer.get("per_row").default_config(64)),
+                  _entry(other, "where_gather", old), _entry(other, "where_gather", {**winner, "BLOCK": 3})])
+    expected = [variant.default_config(64), winner, runner_up, {**variant.default, **old}]
+    assert start_configs(path, "where_gather", 64) == expected
+    assert start_configs(tmp_path / "missing.json", "where_gather", 64) == [variant.default_config(64)]
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    optuna_search(Workload.make(TINY, device), "where_gather", trials=6, storage=storage, seed=0, device_slug="fake",
+                  deadline=None, on_trial=lambda best: None, start=expected)
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(storage)[0].study_name, storage=storage)
+    assert [t.params for t in study.trials[:3]] == expected[:3]  # half the budget
+
+
 def _merge_worker(path, shape):
     entry = _entry(Problem(shape, "bfloat16"), "word_unpack", nf4_explorer.get("word_unpack").default_config(64))
     cache_writer.merge(path, [entry], {"device_name": "Fake GPU 9000"})

@@ -204,10 +204,43 @@ def open_storage(url: str):
     return _STORAGES[url]
 
 
+def start_configs(path: Path, name: str, blocksize: int) -> list[dict]:
+    """Where a new study of variant ``name`` starts: its default config, then its configs in the
+    tuned file at ``path`` (other problems' winners and runners-up), each once. A config from before
+    a parameter was added takes the parameter's default; one that is not valid here is left out. An
+    unreadable file gives just the default (the merge that follows says what is wrong with it)."""
+    import json
+
+    variant = nf4_explorer.get(name)
+    found = [variant.default_config(blocksize)]
+    try:
+        entries = json.loads(path.read_text()).get("entries", [])
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            others = entry.get("others") if isinstance(entry.get("others"), dict) else {}
+            for variant_name, result in [(entry.get("variant"), entry), *others.items()]:
+                if variant_name == name and isinstance(result, dict) and isinstance(result.get("config"), dict):
+                    found.append({**variant.default, **result["config"]})
+    except (OSError, ValueError, RecursionError):
+        pass
+    starts = []
+    for config in found:
+        try:
+            variant.check_config(config, blocksize)
+        except (ValueError, TypeError):
+            continue
+        if config not in starts:
+            starts.append(config)
+    return starts
+
+
 def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, seed: int, device_slug: str,
-                  deadline: float | None, on_trial: Callable[[float | None], None]) -> tuple[dict | None, int]:
-    """Seeded TPE over the variant's space, in a study shared through ``storage``. Runs only the
-    trials the study still lacks (resume); returns (best {"config", "time_us"} or None, trials in study)."""
+                  deadline: float | None, on_trial: Callable[[float | None], None],
+                  start: list[dict] = ()) -> tuple[dict | None, int]:
+    """Seeded TPE over the variant's space, in a study shared through ``storage``. A new study first
+    times ``start`` (at most half the budget: see :func:`start_configs`); a study that has trials
+    runs only those it still lacks (resume). Returns (best {"config", "time_us"} or None, trials in study)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -222,6 +255,9 @@ def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, s
     measured: dict[tuple, float] = {}
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         measured[tuple(sorted(trial.params.items()))] = trial.value
+    if not study.get_trials(deepcopy=False):
+        for config in list(start)[:max(1, budget // 2)]:
+            study.enqueue_trial(config)
 
     def objective(trial):
         config = {key: trial.suggest_categorical(key, list(values)) for key, values in variant.space.items()}
@@ -367,7 +403,8 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                     best, count = exhaustive_search(workload, name, on_trial=on_trial)
                 else:
                     best, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
-                                                device_slug=device_slug, deadline=deadline, on_trial=on_trial)
+                                                device_slug=device_slug, deadline=deadline, on_trial=on_trial,
+                                                start=start_configs(path, name, problem.blocksize))
                 spent += count
                 if best is not None:
                     bests[name] = best
