@@ -326,6 +326,26 @@ def test_cli_tune_show_check(config_dir, capsys, tmp_path, wide_console):
     assert report["failures"] == 0 and {r["variant"] for r in report["results"]} >= set(nf4_explorer.names("cpu"))
 
 
+def test_cli_tune_space_narrows_the_search(config_dir, capsys, wide_console, tmp_path):
+    """--space PARAM=V1,V2 searches only those values (both drivers; a narrowed Optuna study is a
+    study of its own); a parameter no tuned variant has, or a value outside the space, is one error."""
+    base = ["tune", "--preset", "tiny", "--shapes", "4x64", "--variants", "where_gather", "--json"]
+    assert cli.main([*base, "--driver", "exhaustive", "--space", "BLOCK=1024", "--space", "TABLE_IN_REGISTERS=true"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["entries"]
+    assert entry["config"]["BLOCK"] == 1024 and entry["config"]["TABLE_IN_REGISTERS"] is True
+    assert entry["trials"] == len([c for c in nf4_explorer.get("where_gather").configs(64)
+                                   if c["BLOCK"] == 1024 and c["TABLE_IN_REGISTERS"]])
+    assert cli.main([*base, "--trials", "3", "--space", "BLOCK=4096,512"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["entries"]
+    assert entry["config"]["BLOCK"] in (4096, 512)
+    assert cli.main([*base, "--space", "SPLIT_K=2"]) == 2
+    assert "none of the variants tuned (where_gather) has a parameter SPLIT_K" in capsys.readouterr().out
+    assert cli.main([*base, "--space", "BLOCK=3"]) == 2
+    assert "where_gather searches BLOCK over [512, 1024, 2048, 4096]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--space", "BLOCK"])
+
+
 def test_cli_tune_refuses_a_variant_this_device_cannot_run(config_dir, capsys, wide_console, device):
     if nf4_explorer.get("phase_split").unavailable_reason(device) is None:
         pytest.skip("this GPU runs phase_split")

@@ -80,6 +80,24 @@ def _items(option: str, text: str | None, convert=str) -> list | None:
         raise UsageError(f"{option}: {text!r} is not a comma-separated list of {convert.__name__}s") from None
 
 
+def _narrowing(text: str) -> tuple[str, tuple]:
+    """``PARAM=V1,V2`` (``tune --space``) -> (PARAM, values): integers, true/false, or names."""
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: write PARAM=V1,V2, e.g. SPLIT_K=2,4,8")
+
+    def parse(value: str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        try:
+            return int(value)
+        except ValueError:
+            return value.strip()
+
+    return key.strip(), tuple(parse(v) for v in values.split(","))
+
+
 def _positive(kind):
     def parse(text):
         try:
@@ -223,8 +241,11 @@ def cmd_tune(args) -> int:
         console.print(f"[red]error:[/red] {_no_device_message()}")
         return EXIT_USAGE
     if device.type == "cpu":
-        console.print("[yellow]No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean "
-                      "nothing.[/yellow]")
+        note = "No GPU: tuning in Triton's interpreter; the pipeline runs, the times mean nothing."
+        if args.json:  # stdout is the JSON document
+            print(note, file=sys.stderr)
+        else:
+            console.print(f"[yellow]{note}[/yellow]")
     problems = _problems(args, device, "llm")
     if args.family == "linear":
         from .problems import linear_problems
@@ -243,7 +264,8 @@ def cmd_tune(args) -> int:
             return EXIT_USAGE
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
-                             storage=args.storage, output_dir=args.output, seed=args.seed, device=device)
+                             storage=args.storage, output_dir=args.output, seed=args.seed, device=device,
+                             narrow=dict(args.space))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
@@ -453,6 +475,9 @@ def main(argv=None) -> int:
     tune.add_argument("--variants", help="comma-separated variants of the family (default: all registered)")
     tune.add_argument("--driver", choices=["optuna", "exhaustive"], default="optuna",
                       help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: triton.autotune over the whole space")
+    tune.add_argument("--space", action="append", type=_narrowing, default=[], metavar="PARAM=V1,V2",
+                      help="search PARAM over these values only, in every variant that has it (repeatable), e.g. "
+                      "--space SPLIT_K=2,4,8 --space WORDS=16; the entries stay valid for the whole space")
     tune.add_argument("--trials", type=_positive(int), default=16,
                       help="Optuna trials per variant and problem (default 16)")
     tune.add_argument("--timeout", type=_positive(float), help="stop starting new trials after this many seconds")

@@ -8,11 +8,12 @@ are pruned (Optuna) or dropped (exhaustive), never picked.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -204,14 +205,37 @@ def open_storage(url: str):
     return _STORAGES[url]
 
 
-def start_configs(path: Path, name: str, blocksize: int) -> list[dict]:
+def narrowed(name: str, narrow: Mapping[str, Sequence] | None = None):
+    """Variant ``name`` with each parameter it shares with ``narrow`` searched over those values only
+    (``tune --space``); its entries still stamp the registered variant's kernel hash, valid for the
+    whole space."""
+    variant = nf4_explorer.get(name)
+    keep = {key: tuple(values) for key, values in (narrow or {}).items() if key in variant.space}
+    return dataclasses.replace(variant, space={**variant.space, **keep}) if keep else variant
+
+
+def check_narrow(names: Sequence[str], narrow: Mapping[str, Sequence]) -> None:
+    """Raises ValueError naming the problem if ``narrow`` (``tune --space``) names a parameter none of
+    ``names`` has, or a value outside a variant's space."""
+    for key, values in narrow.items():
+        owners = [nf4_explorer.get(name) for name in names if key in nf4_explorer.get(name).space]
+        if not owners:
+            raise ValueError(f"--space {key}: none of the variants tuned ({', '.join(names)}) has a parameter {key}")
+        for variant in owners:
+            space = list(variant.space[key])
+            for value in values:
+                if not any(value == v and type(value) is type(v) for v in space):
+                    raise ValueError(f"--space {key}={value!r}: {variant.name} searches {key} over {space}")
+
+
+def start_configs(path: Path, name: str, blocksize: int, narrow: Mapping[str, Sequence] | None = None) -> list[dict]:
     """Where a new study of variant ``name`` starts: its default config, then its configs in the
     tuned file at ``path`` (other problems' winners and runners-up), each once. A config from before
     a parameter was added takes the parameter's default; one that is not valid here is left out. An
     unreadable file gives just the default (the merge that follows says what is wrong with it)."""
     import json
 
-    variant = nf4_explorer.get(name)
+    variant = narrowed(name, narrow)
     found = [variant.default_config(blocksize)]
     try:
         entries = json.loads(path.read_text()).get("entries", [])
@@ -237,17 +261,20 @@ def start_configs(path: Path, name: str, blocksize: int) -> list[dict]:
 
 def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, seed: int, device_slug: str,
                   deadline: float | None, on_trial: Callable[[float | None], None],
-                  start: list[dict] = ()) -> tuple[dict | None, int]:
+                  start: list[dict] = (), narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
     """Seeded TPE over the variant's space, in a study shared through ``storage``. A new study first
     times ``start`` (at most half the budget: see :func:`start_configs`); a study that has trials
     runs only those it still lacks (resume). Returns (best {"config", "time_us"} or None, trials in study)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    variant = nf4_explorer.get(name)
+    variant = narrowed(name, narrow)
     blocksize = workload.problem.blocksize
+    label = study_name(device_slug, name, workload.problem)
+    if variant.space != nf4_explorer.get(name).space:  # a narrowed space is a study of its own
+        label += ":s" + hashlib.sha256(repr(sorted(variant.space.items())).encode()).hexdigest()[:8]
     study = optuna.create_study(
-        study_name=study_name(device_slug, name, workload.problem), storage=open_storage(storage), direction="minimize",
+        study_name=label, storage=open_storage(storage), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
     )
     space_size = len(variant.configs(blocksize))
@@ -296,12 +323,13 @@ def _best(study) -> dict | None:
     return {"config": dict(trial.params), "time_us": trial.value}
 
 
-def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[float | None], None]) -> tuple[dict | None, int]:
-    """triton.autotune over the variant's whole (valid) space; the winner's output is checked
-    against the reference. Returns (best, configs timed)."""
+def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[float | None], None],
+                      narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
+    """triton.autotune over the variant's whole (valid) space, or its ``narrow``-ed part; the
+    winner's output is checked against the reference. Returns (best, configs timed)."""
     import triton
 
-    variant = nf4_explorer.get(name)
+    variant = narrowed(name, narrow)
     configs = variant.configs(workload.problem.blocksize)
     if isinstance(workload, LinearWorkload):
         # Every config timed in turn (a linear variant's launcher builds its own arguments).
@@ -352,10 +380,11 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
 
 def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", trials: int = 16,
          timeout: float | None = None, storage: str | None = None, output_dir: Path | None = None,
-         seed: int = 0, device=None, console=None) -> tuple[Path, list[dict]]:
+         seed: int = 0, device=None, console=None, narrow: Mapping[str, Sequence] | None = None) -> tuple[Path, list[dict]]:
     """Tunes every variant in ``names`` on every problem and merges the winners into this GPU's
     tuned file in ``output_dir`` (default: $NF4_EXPLORER_CONFIG_DIR if set, else the user's config
-    directory: where the dispatcher looks first). Returns (file, new entries)."""
+    directory: where the dispatcher looks first). ``narrow``: parameter -> the values to search,
+    for every variant that has the parameter (see :func:`narrowed`). Returns (file, new entries)."""
     from tqdm import tqdm
 
     from . import cache_writer
@@ -365,6 +394,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
         reason = nf4_explorer.get(name).unavailable_reason(device)
         if reason is not None:
             raise ValueError(reason)
+    check_narrow(names, narrow or {})
     device_slug = tuning.slug(tuning.device_name(device))
     storage = storage or default_storage()
     if driver == "optuna":
@@ -375,7 +405,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     deadline = time.time() + timeout if timeout else None
     copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     def budget(name: str, problem: Problem) -> int:
-        space = len(nf4_explorer.get(name).configs(problem.blocksize))
+        space = len(narrowed(name, narrow).configs(problem.blocksize))
         return space if driver == "exhaustive" else min(trials, space)
 
     total = sum(budget(n, p) for n in names for p in problems)
@@ -400,11 +430,12 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                         bar.set_postfix_str(f"best {best_us:.1f} µs", refresh=False)
 
                 if driver == "exhaustive":
-                    best, count = exhaustive_search(workload, name, on_trial=on_trial)
+                    best, count = exhaustive_search(workload, name, on_trial=on_trial, narrow=narrow)
                 else:
                     best, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
                                                 device_slug=device_slug, deadline=deadline, on_trial=on_trial,
-                                                start=start_configs(path, name, problem.blocksize))
+                                                start=start_configs(path, name, problem.blocksize, narrow),
+                                                narrow=narrow)
                 spent += count
                 if best is not None:
                     bests[name] = best
