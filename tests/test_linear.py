@@ -225,6 +225,29 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
     assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")
 
 
+def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):
+    """Untuned shapes take the tuned shape nearest in N and in K, not just in size: an up projection
+    (N > K) the up projection's entry, a down projection the down projection's."""
+    monkeypatch.setattr(nf4_explorer._cache, "device_name", lambda device: "Fake GPU 9000")
+    directory = tmp_path / "tuned"
+    monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(directory))
+    _dispatch.reset()
+
+    def entry(shape, variant):
+        return {"family": "linear", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "out_dtype": "bfloat16",
+                "size_bucket": tuning.size_bucket(shape[0] * shape[1]), "shape": shape, "m_bucket": 64,
+                "variant": variant, "config": nf4_explorer.get(variant).default_config(64), "time_us": 1.0,
+                "triton_version": tuning.triton_minor(), "kernel_hash": tuning.kernel_hash(variant)}
+
+    directory.mkdir()
+    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({
+        "schema_version": 2, "entries": [entry([64, 256], "linear_tiled"), entry([256, 64], "linear_gemv")]}))
+    for (n, k), variant in (((192, 64), "linear_gemv"), ((64, 192), "linear_tiled")):
+        _, packed, state, _ = _problem(n, k, 1, torch.bfloat16, device)
+        choice = nf4_explorer.explain_linear(torch.randn(64, k, dtype=torch.bfloat16, device=device), packed, state)
+        assert (choice.variant, choice.reason) == (variant, "tuned (nearest shape)"), (n, k)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay():
     """Decoding runs under CUDA graphs: a captured call replays on new x in place."""

@@ -4,7 +4,7 @@ Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT``
 ``$NF4_EXPLORER_LINEAR_VARIANT`` (linear), then the GPU's tuned file (see ``_cache.load_entries``
 for which file and its tiers), else the built-in default. A dequantize problem matches the exact
 shape, else the nearest size bucket with the same quant type, blocksize, double quant and dtype; a
-linear problem the exact [N, K] at the nearest M bucket, else the nearest shape (a float16 x takes a
+linear problem the exact [N, K] at the nearest M bucket, else the nearest [N, K] (a float16 x takes a
 bfloat16 entry where no float16 one is nearer, and the other way round). A variant that
 cannot take a problem (``Variant.accepts``) is passed over for the family's always-valid fallback.
 The choice is memoized per problem, so a steady-state call costs one dict lookup before the launch.
@@ -132,11 +132,14 @@ def _choose_linear(args) -> Choice:
     if same_kind:
         # The nearest M bucket first (what wins depends on M far more than on the shape: an exact
         # shape tuned at M = 8 says nothing about M = 2048), then the exact shape, then x's own
-        # dtype over the other 16-bit one, then the nearest size.
-        size = _cache.size_bucket(args.n * args.k)
+        # dtype over the other 16-bit one, then the nearest shape in N and in K apart (an up
+        # projection is not a down projection of the same size: split-K suits the one with few
+        # output tiles; session 11 measured Qwen's 18944x3584 at M = 256 at 141.7 µs on the down
+        # projection's config).
+        far = lambda e: (abs(math.log2(e["shape"][0] / max(args.n, 1)))  # noqa: E731
+                         + abs(math.log2(e["shape"][1] / max(args.k, 1))))
         entry = min(same_kind, key=lambda e: (distance(e), list(e["shape"]) != [args.n, args.k],
-                                              e["out_dtype"] != dtype, abs(e["size_bucket"] - size),
-                                              -e["size_bucket"], -e["m_bucket"]))
+                                              e["out_dtype"] != dtype, far(e), -e["size_bucket"], -e["m_bucket"]))
         if entry["out_dtype"] != dtype:
             return Choice(entry["variant"], dict(entry["config"]), "tuned (other 16-bit dtype)", source,
                           _tier(entry, f"a {entry['out_dtype']} entry, shape {entry['shape']} M bucket "
