@@ -45,7 +45,8 @@ LINEAR_FALLBACK = "linear_dequantize"  # takes every problem
 # A linear problem with no tuned entry for x's 16-bit dtype takes the other 16-bit dtype's: every
 # fused kernel is the same code for both (the weight is decoded on x's grid), so a config tuned
 # for one is a tuned guess for the other, where the untuned default runs dequantize + cuBLAS from
-# M = 32 (docs/performance.md, session 11).
+# M = 32 (H200, S11.2: float16 x on bfloat16 entries ran as fast as bfloat16 x, 14336x4096 M = 64
+# 46.4 µs both, against 84.6 for dequantize + cuBLAS; docs/performance.md, session 11).
 _TWIN_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
 
 

@@ -21,8 +21,9 @@ N = 4096: 32 tiles of 128 columns): program (tile, s) walks the s-th run of the 
 its float32 sums to plane s of a workspace [SPLIT_K, M, N]; a second kernel adds the planes in
 order (and the bias) and casts once, so the result does not depend on which program ends first.
 
-Measured (H200, docs/performance.md session 10): 14336x4096 at M = 32, 64, 128, 256 in 45.0, 46.4,
-57.1, 91.4 µs (bitsandbytes 73.9-123.6, dense bf16 41.1-49.9). The decode and the MMA take turns in
+Measured (H200, docs/performance.md sessions 10-11, `bench --linear` S11.2): 14336x4096 at M = 32,
+64, 128, 256 in 44.2, 46.4, 57.6, 90.5 µs; the down projection 4096x14336 with split-K in 40.0, 47.4,
+55.3, 97.4 µs (bitsandbytes 74.0-126.5, dense bf16 40.9-53.2). The decode and the MMA take turns in
 the same warps, so their times add (the MMA's is large from M = 256)."""
 
 import torch
