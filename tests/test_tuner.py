@@ -128,7 +128,11 @@ def test_a_new_study_starts_from_the_default_and_the_files_configs(device, tmp_p
                   _entry(other, "where_gather", old), _entry(other, "where_gather", {**winner, "BLOCK": 3})])
     expected = [variant.default_config(64), winner, runner_up, {**variant.default, **old}]
     assert start_configs(path, "where_gather", 64) == expected
-    assert start_configs(tmp_path / "missing.json", "where_gather", 64) == [variant.default_config(64)]
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "corrupt.json").write_text('{"entries": [')
+    (tmp_path / "entries.json").write_text('{"entries": {"variant": "where_gather"}}')
+    for broken in ("missing.json", "list.json", "corrupt.json", "entries.json"):  # just the default, no error
+        assert start_configs(tmp_path / broken, "where_gather", 64) == [variant.default_config(64)], broken
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     optuna_search(Workload.make(TINY, device), "where_gather", trials=6, storage=storage, seed=0, device_slug="fake",
                   deadline=None, on_trial=lambda best: None, start=expected)

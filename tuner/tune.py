@@ -238,7 +238,8 @@ def start_configs(path: Path, name: str, blocksize: int, narrow: Mapping[str, Se
     variant = narrowed(name, narrow)
     found = [variant.default_config(blocksize)]
     try:
-        entries = json.loads(path.read_text()).get("entries", [])
+        document = json.loads(path.read_text())
+        entries = document.get("entries") if isinstance(document, dict) else None
         for entry in entries if isinstance(entries, list) else []:
             if not isinstance(entry, dict):
                 continue
