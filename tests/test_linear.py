@@ -172,28 +172,38 @@ def test_variant_of_the_other_family_is_refused(device):
         nf4_explorer.linear(x, packed, state, variant="word_unpack")
 
 
-def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
-    """Tuned linear entries beside dequantize ones: the nearest M bucket first, the exact shape among
-    those, else the nearest shape; the built-in default by M where nothing is tuned."""
+def _tuned_entry(shape, m, variant, config=None, out_dtype="bfloat16"):
+    """A current linear entry of a tuned file (the variant's default config unless ``config``)."""
+    return {"family": "linear", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "out_dtype": out_dtype,
+            "size_bucket": tuning.size_bucket(shape[0] * shape[1]), "shape": list(shape), "m_bucket": m,
+            "variant": variant, "config": config if config is not None else nf4_explorer.get(variant).default_config(64),
+            "time_us": 1.0, "triton_version": tuning.triton_minor(), "kernel_hash": tuning.kernel_hash(variant)}
+
+
+def _fake_gpu_file(monkeypatch, tmp_path, entries):
+    """Makes this machine a "Fake GPU 9000" whose tuned file holds ``entries``; returns a function
+    that rewrites the file with other entries (the dispatcher forgets what it read)."""
     monkeypatch.setattr(tuning, "device_name", lambda device: "Fake GPU 9000")
     monkeypatch.setattr(nf4_explorer._cache, "device_name", lambda device: "Fake GPU 9000")
     directory = tmp_path / "tuned"
     monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(directory))
-    _dispatch.reset()
-    tiled = nf4_explorer.get("linear_tiled").default_config(64)
-    gemv = nf4_explorer.get("linear_gemv").default_config(64)
-
-    def entry(m, variant, config):
-        return {"family": "linear", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "out_dtype": "bfloat16",
-                "size_bucket": tuning.size_bucket(32 * 128), "shape": [32, 128], "m_bucket": m, "variant": variant,
-                "config": config, "time_us": 1.0, "triton_version": tuning.triton_minor(),
-                "kernel_hash": tuning.kernel_hash(variant)}
-
     directory.mkdir()
-    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({
-        "schema_version": 2, "entries": [entry(1, "linear_gemv", gemv), entry(64, "linear_tiled", tiled),
-                                         {**entry(4096, "linear_dequantize", {}), "shape": [64, 128],
-                                          "size_bucket": tuning.size_bucket(64 * 128)}]}))
+
+    def write(entries):
+        (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({"schema_version": 2,
+                                                                                   "entries": entries}))
+        _dispatch.reset()
+
+    write(entries)
+    return write
+
+
+def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
+    """Tuned linear entries beside dequantize ones: the nearest M bucket first, the exact shape among
+    those, else the nearest shape; the built-in default by M where nothing is tuned."""
+    entries = [_tuned_entry([32, 128], 1, "linear_gemv"), _tuned_entry([32, 128], 64, "linear_tiled"),
+               _tuned_entry([64, 128], 4096, "linear_dequantize")]
+    rewrite = _fake_gpu_file(monkeypatch, tmp_path, entries)
     x, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
     choose = lambda m: nf4_explorer.explain_linear(torch.randn(m, 128, dtype=torch.bfloat16, device=device),  # noqa: E731
                                                    packed, state)
@@ -215,11 +225,7 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
     float32 = nf4_explorer.explain_linear(torch.randn(50, 128, dtype=torch.float32, device=device), packed, state)
     assert (float32.variant, float32.reason) == ("linear_dequantize", "default")
     # A float16 entry at the same M bucket and shape wins over the bfloat16 one; another M bucket does not.
-    own = {**entry(64, "linear_gemv", gemv), "out_dtype": "float16"}
-    document = json.loads((directory / f"{tuning.slug('Fake GPU 9000')}.json").read_text())
-    document["entries"].append(own)
-    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps(document))
-    _dispatch.reset()
+    rewrite([*entries, _tuned_entry([32, 128], 64, "linear_gemv", out_dtype="float16")])
     assert (fp16(50).variant, fp16(50).reason) == ("linear_gemv", "tuned (exact)")
     assert (fp16(1).variant, fp16(1).reason) == ("linear_gemv", "tuned (other 16-bit dtype)")
     assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")
@@ -228,20 +234,8 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
 def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):
     """Untuned shapes take the tuned shape nearest in N and in K, not just in size: an up projection
     (N > K) the up projection's entry, a down projection the down projection's."""
-    monkeypatch.setattr(nf4_explorer._cache, "device_name", lambda device: "Fake GPU 9000")
-    directory = tmp_path / "tuned"
-    monkeypatch.setenv("NF4_EXPLORER_CONFIG_DIR", str(directory))
-    _dispatch.reset()
-
-    def entry(shape, variant):
-        return {"family": "linear", "quant_type": "nf4", "blocksize": 64, "double_quant": True, "out_dtype": "bfloat16",
-                "size_bucket": tuning.size_bucket(shape[0] * shape[1]), "shape": shape, "m_bucket": 64,
-                "variant": variant, "config": nf4_explorer.get(variant).default_config(64), "time_us": 1.0,
-                "triton_version": tuning.triton_minor(), "kernel_hash": tuning.kernel_hash(variant)}
-
-    directory.mkdir()
-    (directory / f"{tuning.slug('Fake GPU 9000')}.json").write_text(json.dumps({
-        "schema_version": 2, "entries": [entry([64, 256], "linear_tiled"), entry([256, 64], "linear_gemv")]}))
+    _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([64, 256], 64, "linear_tiled"),
+                                           _tuned_entry([256, 64], 64, "linear_gemv")])
     for (n, k), variant in (((192, 64), "linear_gemv"), ((64, 192), "linear_tiled")):
         _, packed, state, _ = _problem(n, k, 1, torch.bfloat16, device)
         choice = nf4_explorer.explain_linear(torch.randn(64, k, dtype=torch.bfloat16, device=device), packed, state)

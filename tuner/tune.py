@@ -222,10 +222,10 @@ def check_narrow(names: Sequence[str], narrow: Mapping[str, Sequence]) -> None:
         if not owners:
             raise ValueError(f"--space {key}: none of the variants tuned ({', '.join(names)}) has a parameter {key}")
         for variant in owners:
-            space = list(variant.space[key])
             for value in values:
-                if not any(value == v and type(value) is type(v) for v in space):
-                    raise ValueError(f"--space {key}={value!r}: {variant.name} searches {key} over {space}")
+                if not variant.searches(key, value):
+                    raise ValueError(f"--space {key}={value!r}: {variant.name} searches {key} over "
+                                     f"{list(variant.space[key])}")
 
 
 def start_configs(path: Path, name: str, blocksize: int, narrow: Mapping[str, Sequence] | None = None) -> list[dict]:

@@ -98,6 +98,11 @@ class Variant:
                 return candidate
         return self.configs(blocksize)[0]
 
+    def searches(self, key: str, value) -> bool:
+        """Whether ``value`` is one of parameter ``key``'s values in the space. 512.0 == 512 and
+        True == 1 in Python: the value must also be of its space's type."""
+        return any(value == v and type(value) is type(v) for v in self.space[key])
+
     def check_config(self, config: Mapping, blocksize: int) -> None:
         """Raises ValueError naming the problem if ``config`` is not a valid config of this variant
         (launch parameters included: num_warps and num_stages must be values of the space)."""
@@ -111,9 +116,8 @@ class Variant:
                 f"its parameters are {list(self.space)}"
             )
         for key, value in config.items():
-            allowed = list(self.space[key])
-            # 512.0 == 512 and True == 1 in Python: the value must also be of its space's type.
-            if not any(value == v and type(value) is type(v) for v in allowed):
+            if not self.searches(key, value):
+                allowed = list(self.space[key])
                 raise ValueError(f"{self.name}: {key}={value!r} is outside the search space {allowed}"
                                  + (f" (a {type(value).__name__}; the space holds {type(allowed[0]).__name__}s)"
                                     if any(value == v for v in allowed) else ""))
