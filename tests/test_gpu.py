@@ -170,23 +170,38 @@ def _forced(x, packed, state, bias=None):
     return nf4_explorer.linear(x, packed, state, bias, variant=choice.variant, config=choice.config)
 
 
-def test_a_steady_linear_call_takes_the_lean_path(monkeypatch):
-    """The second call of a linear problem skips validation of x and the dispatcher (_dispatch's plans)
-    and gives the full path's bits with its own x and weight."""
-    from nf4_explorer import _dispatch
+PLANNED = {
+    # what the dispatcher chooses: None for its own choice (one launch), else a tuned entry's
+    "one launch": None,
+    "dequantize + cuBLAS": ("linear_dequantize", {}),
+    "split-K (two launches, a workspace)": ("linear_lut_gemm", {"SPLIT_K": 2}),
+}
 
+
+@pytest.mark.parametrize("planned", list(PLANNED))
+def test_a_steady_linear_call_takes_the_lean_path(monkeypatch, planned):
+    """The second call of a linear problem skips validation of x and the dispatcher (_dispatch's plans)
+    and gives the full path's bits with its own x and weight, whatever the variant runs."""
+    from nf4_explorer import _dispatch, _registry
+
+    if PLANNED[planned] is not None:
+        name, config = PLANNED[planned]
+        variant = _registry.get(name)
+        choice = _dispatch.Choice(name, {**variant.default_config(64), **config}, "tuned (exact)")
+        monkeypatch.setattr(_dispatch, "_choose_linear", lambda args: choice)
     packed, state = _linear_problem(seed=6)
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     nf4_explorer.linear(x, packed, state)  # plans the problem
     resolved = []
     original = _dispatch._resolve
-    monkeypatch.setattr(_dispatch, "_resolve", lambda *a: resolved.append(1) or original(*a))
+    # (linear_dequantize's run resolves its dequantize problem: the dequantize family's own memo)
+    monkeypatch.setattr(_dispatch, "_resolve", lambda args, family, *a: resolved.append(family) or original(args, family, *a))
     for seed in (7, 8):
         packed, state = _linear_problem(seed=seed)
         x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
         resolved.clear()
         out = nf4_explorer.linear(x, packed, state)
-        assert not resolved, "a steady call went through the dispatcher"
+        assert "linear" not in resolved, "a steady call went through the dispatcher"
         assert_bit_equal(out, _forced(x, packed, state), f"lean path, seed {seed}")
 
 

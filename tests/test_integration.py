@@ -121,14 +121,46 @@ def test_inference_matmul_4bit_is_routed_at_every_m(device, m, launches):
     reference = tuning.reference_linear(x, layer.weight, state)
     bound = tuning.tolerance(x, layer.weight, state, reference=reference)
     with torch.no_grad(), nf4_explorer.patch_bitsandbytes(linear=True):
-        out = layer(x)
+        out = bnb.matmul_4bit(x, layer.weight, quant_state=state)
     routed = [name for name in launches if name.startswith("linear_")]
     assert routed, "bitsandbytes::gemm_4bit did not reach nf4-explorer"
     assert (out.double() - reference).abs().max().item() <= bound
     launches.clear()
     with torch.no_grad():
+        bnb.matmul_4bit(x, layer.weight, quant_state=state)
         layer(x)
     assert not launches, "the patch was not restored"
+
+
+def test_linear4bit_inference_forward_takes_the_shortcut(device, launches, monkeypatch):
+    """A steady inference forward skips bitsandbytes' Python (no matmul_4bit call) and gives the bits
+    of the op hook's route; a call with a gradient or another dtype runs bitsandbytes' forward
+    (routed by the op hook); restore puts bitsandbytes' forward back."""
+    original_forward = bnb.nn.Linear4bit.forward
+    calls = []
+    matmul_4bit = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: (calls.append(1), matmul_4bit(*a, **k))[1])
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.bfloat16,
+                              quant_type="nf4").to(torch.bfloat16).to(device)
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16, device=device)
+    with nf4_explorer.patch_bitsandbytes(linear=True):
+        assert bnb.nn.Linear4bit.forward is not original_forward
+        layer(x)  # bitsandbytes' forward: it sets the compute dtype on a first call
+        calls.clear()
+        launches.clear()
+        with torch.no_grad():
+            out = layer(x)
+            assert not calls, "the inference forward ran bitsandbytes' Python"
+            assert [name for name in launches if name.startswith("linear_")], "the forward was not routed"
+            via_op = matmul_4bit(x, layer.weight, bias=layer.bias, quant_state=layer.weight.quant_state)
+        assert_bit_equal(out, via_op, "shortcut against the op hook")
+        layer(x.requires_grad_())
+        assert len(calls) == 1, "a forward with a gradient must take bitsandbytes' autograd"
+        with torch.no_grad():
+            layer(x.detach().float())
+        assert len(calls) == 2, "a float32 x (cast to the compute dtype) must take bitsandbytes' forward"
+    assert bnb.nn.Linear4bit.forward is original_forward
 
 
 def test_import_order_does_not_matter(tmp_path):
@@ -219,7 +251,7 @@ def test_patch_takes_a_key_bitsandbytes_registered_from_python(monkeypatch):
         with torch.no_grad():
             assert torch.equal(layer(x), sentinel)
             with nf4_explorer.patch_bitsandbytes(linear=True):
-                routed = layer(x)
+                routed = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)
             assert "bitsandbytes/gemm_4bit/CPU" in torch.library._impls, "the earlier registration's record was lost"
             assert not torch.equal(routed, sentinel), "the patch did not take the key"
             assert torch.equal(layer(x), sentinel), "the earlier Python kernel was not given back"
@@ -227,10 +259,15 @@ def test_patch_takes_a_key_bitsandbytes_registered_from_python(monkeypatch):
         library._destroy()
 
 
-def test_default_patch_leaves_the_matmul_to_bitsandbytes(device, launches):
-    """Without linear=True only dequantize_4bit is routed (the matmul route measured slower end to end)."""
+def test_linear_false_leaves_the_matmul_to_bitsandbytes(device, launches):
+    """With linear=False only dequantize_4bit is routed: neither the op nor the forward is patched."""
     layer = bnb.nn.Linear4bit(64, 16, bias=False, compute_dtype=torch.float16).to(torch.float16).to(device)
     x = torch.randn(3, 64, dtype=torch.float16, device=device)
-    with torch.no_grad(), nf4_explorer.patch_bitsandbytes():
+    original_forward = bnb.nn.Linear4bit.forward
+    with torch.no_grad(), nf4_explorer.patch_bitsandbytes(linear=False):
+        assert bnb.nn.Linear4bit.forward is original_forward
         layer(x)
     assert not [name for name in launches if name.startswith("linear_")]
+    with torch.no_grad(), nf4_explorer.patch_bitsandbytes():  # the default routes the matmul
+        layer(x)
+    assert [name for name in launches if name.startswith("linear_")]

@@ -24,7 +24,7 @@ import torch
 
 from . import _cache, _launch, _registry
 from ._format import attach_output, device_pair_table, prepare, prepare_weight
-from ._linear import m_bucket, prepare_linear, runtime_arguments
+from ._linear import LinearArgs, m_bucket, prepare_linear, runtime_arguments
 
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
 
@@ -74,13 +74,16 @@ class Choice:
 _memo: dict[tuple, tuple] = {}  # problem key -> (Choice, Variant)
 _entries_by_device: dict[str, tuple[str, list[dict]]] = {}
 
-# The lean path of a steady linear call. After a dispatched call of a problem has launched through
-# ``_launch``'s fast path, the plan of that problem keeps what the call worked out (the choice, the
-# compiled launch with its grid and constexprs, the table's address) under everything it read of x,
-# the bias and the validated weight's format; a later call with the same facts passed the same
-# checks and would decide the same, so it allocates its output and launches straight away (~150
-# Python calls fewer). The weight is still validated on every call (``prepare_weight``'s cache), so
-# a changed weight or state never reuses a stale plan; no tensor is kept.
+# The lean path of a steady linear call. After a dispatched call of a problem, the plan of that
+# problem keeps what the call worked out under everything it read of x, the bias and the validated
+# weight's format; a later call with the same facts passed the same checks and would decide the
+# same, so it skips them (~150 Python calls fewer). Where the call was one launch through
+# ``_launch``'s fast path, the plan keeps that compiled launch (grid, constexprs, the table's
+# address) and a later call allocates its output and launches straight away; where the variant
+# runs more (split-K's two launches and workspace, dequantize + cuBLAS), the plan keeps the choice
+# and a later call goes straight to the variant's run. The weight is still validated on every call
+# (``prepare_weight``'s cache), so a changed weight or state never reuses a stale plan; no tensor
+# is kept.
 _plans: dict[tuple, tuple] = {}
 _PLANS_LIMIT = 4096  # forgotten all at once beyond that
 
@@ -294,24 +297,27 @@ def _plan_key(x: torch.Tensor, weight, bias: torch.Tensor | None) -> tuple | Non
 
 def _remember_plan(key: tuple, args) -> None:
     choice, chosen = _resolve(args, "linear", None, None)  # what ran (a failed tuned entry fell back)
-    if chosen.kernel is None:
-        return
-    # A variant with a run of its own plans only where run made the family's one launch under the
-    # variant's name (linear_lut_gemm without split-K): its other launches go by other names, so
-    # ready_launch finds nothing for them.
-    ready = _launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
-    if ready is None:
-        return
+    # A variant with a run of its own made the family's one launch under its name only in some
+    # configs (linear_lut_gemm without split-K): its other launches go by other names, so
+    # ready_launch finds nothing for them, and the plan keeps the choice instead.
+    ready = (_launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
+             if chosen.kernel is not None else None)
     if len(_plans) >= _PLANS_LIMIT:
         _plans.clear()
     shape = None if args.x.dim() == 2 else (*args.x.shape[:-1], args.n)
-    _plans[key] = (ready, args.m, args.n, args.k, device_pair_table(args.weight.quant_type, args.device).data_ptr(),
-                   shape)
+    table = device_pair_table(args.weight.quant_type, args.device).data_ptr() if ready is not None else None
+    _plans[key] = (ready, args.m, args.n, args.k, table, shape, choice, chosen)
 
 
 def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """Launches a remembered plan; None if it cannot (an unaligned pointer, a profiler's hook)."""
-    ready, m, n, k, table, shape = plan
+    ready, m, n, k, table, shape, choice, chosen = plan
+    if ready is None:  # the variant's own run, on the checks and choice of the planned call
+        x2d = x if shape is None else x.view(m, k)
+        args = LinearArgs(x=x, x2d=x2d, weight=weight, bias=bias, out=None, m=m, n=n, k=k, dtype=x.dtype,
+                          device=weight.device)
+        chosen.launch(args, choice.config)
+        return args.result()
     if ready.device_index != torch.cuda.current_device():
         return None  # the normal launch switches to the tensors' GPU
     x2d = x if shape is None else x.view(m, k)

@@ -1,8 +1,8 @@
 """The bitsandbytes drop-in: ``patch_bitsandbytes()`` routes every place where bitsandbytes 0.50
 multiplies or dequantizes a 4-bit weight on a GPU through nf4-explorer's dispatcher.
 
-Two hooks, each the most robust for its entry point (the first only with ``linear=True``, see the
-class):
+Two hooks, each the most robust for its entry point (the first one and the shortcut are left out
+with ``linear=False``, see the class), and a shortcut:
 
 - ``bitsandbytes::gemm_4bit`` (every ``Linear4bit.forward``, at every M; ``bnb.matmul_4bit``'s
   inference path; ``MatMul4Bit.forward`` in training): nf4-explorer's kernel is registered for the
@@ -16,6 +16,14 @@ class):
   Python (two launches) before its ``dequantize_4bit`` op, so the op is too late a hook. Callers that
   look it up at call time (bitsandbytes, peft) are routed; a copy taken with
   ``from bitsandbytes.functional import dequantize_4bit`` before the patch is not.
+- The shortcut: ``Linear4bit.forward`` (a class attribute, so every instance and subclass, made
+  before or after the patch) for a steady inference call (no gradient, not compiling, x already in
+  the layer's compute dtype and the weight's dtype) calls nf4-explorer's linear directly. The op
+  hook alone routes that call too, after bitsandbytes' Python (``fix_4bit_weight_quant_state_from_module``,
+  ``matmul_4bit``'s checks, the op's dispatch): 50.9 µs of host time a q_proj forward against 36.0
+  with the shortcut (H200 host, run S12.2), paid on every layer of every token of eager decoding.
+  Every other call runs bitsandbytes' forward, routed by the op hook, so the shortcut changes no
+  result: both end in the same kernel on the same weight.
 
 CPU tensors are routed only under TRITON_INTERPRET=1 (as ``dequantize`` does, so that CI can test the
 routing); XPU and other devices keep bitsandbytes' kernels.
@@ -37,8 +45,8 @@ _ACTIVE = [None]  # the patch in force (one at a time)
 
 
 class patch_bitsandbytes(contextlib.ContextDecorator):
-    """Routes bitsandbytes' ``dequantize_4bit`` and, with ``linear=True``, its 4-bit matmul
-    (``bitsandbytes::gemm_4bit``) through nf4-explorer (see this module's docstring for the hooks and why).
+    """Routes bitsandbytes' 4-bit matmul (``bitsandbytes::gemm_4bit``, ``Linear4bit.forward``) and its
+    ``dequantize_4bit`` through nf4-explorer (see this module's docstring for the hooks and why).
 
     ``nf4_explorer.patch_bitsandbytes()`` patches at once and returns a handle: one line covers every
     ``Linear4bit`` of every model (transformers' ``load_in_4bit``, PEFT's QLoRA layers, plain
@@ -46,15 +54,16 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
     puts bitsandbytes' kernels back. ``dequantize_4bit`` calls without a quant_state or with the
     legacy ``absmax=``/``blocksize=`` arguments go to bitsandbytes.
 
-    ``linear=True`` also routes the 4-bit matmul (``bitsandbytes::gemm_4bit``). It is off by default
-    because, measured end to end on an H200 (run S7.6, 32 Llama-3-8B layers), eager batch-1 decoding
-    is host-bound and there the route's Python on top of bitsandbytes' own M = 1 kernel made it 0.91x
-    as fast; it was 1.31x (eager) and 1.16x (static cache) at batch 8, 1.05x on a 2048-token prefill,
-    0.99-1.01x compiled at batch 1 and in a QLoRA step. docs/performance.md, session 7.
+    ``linear=False`` routes ``dequantize_4bit`` only and leaves the matmul to bitsandbytes. The
+    matmul is routed by default since the shortcut: measured end to end on an H200 (run S12.2, 32
+    Llama-3-8B layers), eager decoding ran 33.4 tok/s routed against bitsandbytes' 29.5 at batch 1
+    and 206.1 against 161.3 at batch 8 (the op hook alone: 28.7 and 194.5); static-cache decoding,
+    prefill and QLoRA: ``docs/performance.md``, session 12.
     """
 
-    def __init__(self, *, linear: bool = False):
+    def __init__(self, *, linear: bool = True):
         import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.nn import Linear4bit
 
         if _ACTIVE[0] is not None or getattr(bnb_functional.dequantize_4bit, "_nf4_explorer_patch", False):
             raise RuntimeError("bitsandbytes is already patched by nf4-explorer: restore the first patch first")
@@ -69,6 +78,9 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
             for key in keys:
                 self._override(key)
         bnb_functional.dequantize_4bit = _patched(self._original)
+        self._layer_class, self._forward = Linear4bit, Linear4bit.__dict__.get("forward")
+        if linear and self._forward is not None:
+            Linear4bit.forward = _lean_forward(self._forward)
         _ACTIVE[0] = self
         self._active = True
 
@@ -96,6 +108,8 @@ class patch_bitsandbytes(contextlib.ContextDecorator):
             getattr(self._library, "_op_impls", set()).clear()
             getattr(torch.library, "_impls", set()).update(self._python_keys)
             self._module.dequantize_4bit = self._original
+            if getattr(self._layer_class.__dict__.get("forward"), "_nf4_explorer_patch", False):
+                self._layer_class.forward = self._forward
             _ACTIVE[0] = None
             self._active = False
 
@@ -118,6 +132,28 @@ def _gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8b
     else:
         weight = prepare_weight_tensors(B, absmax, None, None, None, shapeB, A.dtype, blocksize, 256, quant_type, False)
     return linear_eager(A, B, None, bias, weight=weight)
+
+
+def _lean_forward(original):
+    """``Linear4bit.forward`` with the shortcut of this module's docstring: a call that bitsandbytes'
+    forward would take to ``gemm_4bit`` without a cast or a gradient goes straight to linear_eager
+    (decoding in x's dtype, as the op does); any other runs ``original``."""
+
+    @functools.wraps(original)
+    def forward(self, x):
+        weight, bias = self.weight, self.bias
+        state = getattr(weight, "quant_state", None)
+        if (torch.compiler.is_compiling() or state is None or type(x) is not torch.Tensor
+                or x.dtype is not self.compute_dtype or x.dtype is not state.dtype or not self.compute_type_is_set
+                or not (x.is_cuda or interpreter_enabled())
+                or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+                or (bias is not None and bias.dtype is not x.dtype) or len(state.shape) != 2
+                or state.shape[1] != x.shape[-1] or getattr(state, "packing_format_for_cpu", False)):
+            return original(self, x)
+        return linear_eager(x, weight, state, bias)
+
+    forward._nf4_explorer_patch = True
+    return forward
 
 
 def _patched(original):
