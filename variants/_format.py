@@ -12,6 +12,7 @@ multiply-add). The weight is ``float32(table[nibble] * absmax)`` cast once to th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
@@ -294,6 +295,7 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 # the same checks and gets those scalars with its own tensors. A changed weight or state (another
 # tensor, a tensor given new data, another blocksize, ...) changes its facts and is validated anew.
 # No tensor is kept, so the cache holds no memory alive.
+_NO_SUBCLASS_DISPATCH = getattr(torch._C, "DisableTorchFunctionSubclass", contextlib.nullcontext)
 _CHECKED: dict[tuple, tuple] = {}  # facts -> (the _SCALARS of its DequantArgs, the offset tensor made, if one was)
 _CHECKED_LIMIT = 4096  # weights remembered; forgotten all at once beyond that (the next call re-validates)
 _SCALARS = tuple(f.name for f in dataclasses.fields(DequantArgs))[6:]  # every field after packed ... out
@@ -321,7 +323,10 @@ def prepare_weight(packed: torch.Tensor, state: Any) -> DequantArgs:
     """``prepare(packed, state, None, allocate=False)``, cached per weight (see ``_CHECKED``): the
     validated weight of a linear problem, or of a dequantization before its output."""
     if type(packed) is not torch.Tensor and isinstance(packed, torch.nn.Parameter):
-        packed = packed.data  # Params4bit: each attribute read through its __torch_function__ costs ~1 µs
+        # Params4bit: every attribute read goes through its __torch_function__ (~1 µs); ``.data`` read
+        # once with subclass dispatch off gives the plain tensor (0.4 µs instead of 1.4 on the dev CPU).
+        with _NO_SUBCLASS_DISPATCH():
+            packed = packed.data
     state2 = getattr(state, "state2", None)
     if type(getattr(state, "shape", None)) is not torch.Size or (state2 is None and getattr(state, "nested", False)):
         # Not cached: a shape that may hold floats equal to a cached one's ints, an incomplete double
