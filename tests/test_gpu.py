@@ -229,3 +229,51 @@ def test_the_lean_path_serves_only_the_same_problem(change):
     for call in range(2):  # the changed problem's first (full) and second (planned) call
         out = nf4_explorer.linear(x, packed, state, bias)
         assert_bit_equal(out, _forced(x, packed, state, bias), f"{change}, call {call}")
+
+
+DEQUANTIZE_CHANGES = {
+    # name: a planned weight -> (packed, state) of a call that must not reuse its plan blindly
+    "another shape": lambda p, s: nf4_explorer.quantize(torch.randn(128, 512, device="cuda", dtype=torch.bfloat16),
+                                                        blocksize=64, double_quant=True),
+    "float16 output": lambda p, s: nf4_explorer.quantize(torch.randn(256, 512, device="cuda", dtype=torch.float16),
+                                                         blocksize=64, double_quant=True),
+    "fp4, blocksize 128": lambda p, s: nf4_explorer.quantize(torch.randn(256, 512, device="cuda", dtype=torch.bfloat16),
+                                                             blocksize=128, quant_type="fp4", double_quant=True),
+    "plain absmax": lambda p, s: nf4_explorer.quantize(torch.randn(256, 512, device="cuda", dtype=torch.bfloat16),
+                                                       blocksize=64, double_quant=False),
+    "absmax given new data": lambda p, s: (setattr(s.absmax, "data", s.absmax.flip(0).contiguous()), (p, s))[1],
+}
+
+
+def test_a_steady_dequantize_call_takes_the_lean_path(monkeypatch):
+    """The second dequantization of a weight format and shape skips the dispatcher and gives the
+    exact bits with its own weight, into a new output and into linear_dequantize's workspace."""
+    from nf4_explorer import _dispatch
+
+    packed, state = _linear_problem(seed=10)
+    nf4_explorer.dequantize(packed, state)  # plans the format and shape
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    nf4_explorer.linear(x, packed, state, variant="linear_dequantize")
+    resolved = []
+    original = _dispatch._resolve
+    monkeypatch.setattr(_dispatch, "_resolve", lambda *a: resolved.append(1) or original(*a))
+    for seed in (11, 12):
+        packed, state = _linear_problem(seed=seed)
+        resolved.clear()
+        out = nf4_explorer.dequantize(packed, state)
+        assert not resolved, "a steady dequantize call went through the dispatcher"
+        assert_bit_equal(out, nf4_explorer.reference_dequantize(packed, state), f"lean dequantize, seed {seed}")
+        expected = torch.nn.functional.linear(x, out)
+        assert_bit_equal(nf4_explorer.linear(x, packed, state, variant="linear_dequantize"), expected,
+                         f"linear_dequantize's workspace, seed {seed}")
+
+
+@pytest.mark.parametrize("change", list(DEQUANTIZE_CHANGES))
+def test_the_dequantize_lean_path_serves_only_the_same_format(change):
+    packed, state = _linear_problem(seed=13)
+    nf4_explorer.dequantize(packed, state)
+    nf4_explorer.dequantize(packed, state)  # planned and served
+    packed, state = DEQUANTIZE_CHANGES[change](packed, state)
+    for call in range(2):  # the changed weight's first (full) and second (planned) call
+        out = nf4_explorer.dequantize(packed, state)
+        assert_bit_equal(out, nf4_explorer.reference_dequantize(packed, state), f"{change}, call {call}")

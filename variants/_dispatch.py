@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from . import _cache, _launch, _registry
-from ._format import attach_output, device_pair_table, prepare, prepare_weight
+from ._format import attach_output, device_pair_table, device_table, prepare, prepare_weight
 from ._linear import LinearArgs, m_bucket, prepare_linear, runtime_arguments
 
 ENV_VARIANT = {"dequantize": "NF4_EXPLORER_VARIANT", "linear": "NF4_EXPLORER_LINEAR_VARIANT"}
@@ -249,16 +249,70 @@ def dequantize_eager(packed: torch.Tensor, state: Any, *, out: torch.Tensor | No
                      variant: str | None = None, config: Mapping | None = None, weight=None) -> torch.Tensor:
     """``nf4_explorer.dequantize`` outside torch.compile (see ``_api.dequantize`` for the contract).
     ``weight``: as for :func:`linear_eager`."""
-    args = attach_output(weight if weight is not None else prepare_weight(packed, state), out)
+    weight = weight if weight is not None else prepare_weight(packed, state)
+    lean = out is None and variant is None and config is None and weight.device.type == "cuda"
+    if lean:
+        planned = _run_dequantize_plan(weight, None)
+        if planned is not None:
+            return planned
+    args = attach_output(weight, out)
     _run(args, "dequantize", *_resolve(args, "dequantize", variant, config))
+    if lean:
+        _remember_dequantize_plan(args)
     return args.out
 
 
 def dequantize_prepared(args) -> torch.Tensor:
     """Dequantizes an already validated problem (``DequantArgs`` with its ``out``) through the
-    dispatcher: for a caller that validated the weight once already (linear_dequantize)."""
+    dispatcher: for a caller that validated the weight and its output already (linear_dequantize)."""
+    lean = args.device.type == "cuda"
+    if lean and _run_dequantize_plan(args, args.out) is not None:
+        return args.out
     _run(args, "dequantize", *_resolve(args, "dequantize", None, None))
+    if lean:
+        _remember_dequantize_plan(args)
     return args.out
+
+
+# The lean path of a steady dequantization, as for linear (see ``_plans``): a dispatched call of a
+# weight format and shape whose one launch went through ``_launch``'s fast path keeps that launch;
+# a later call of the same format and shape (its weight validated by ``prepare_weight``, its output
+# new or validated by the caller) launches it with its own pointers.
+def _dequantize_plan_key(weight) -> tuple:
+    return ("dequantize", weight.shape, weight.out_dtype, weight.blocksize, weight.nested_blocksize,
+            weight.quant_type, weight.double_quant, weight.device)
+
+
+def _remember_dequantize_plan(args) -> None:
+    choice, chosen = _resolve(args, "dequantize", None, None)  # what ran (a failed tuned entry fell back)
+    ready = (_launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
+             if chosen.kernel is not None and chosen.run is None else None)
+    if ready is None:
+        return
+    if len(_plans) >= _PLANS_LIMIT:
+        _plans.clear()
+    _plans[_dequantize_plan_key(args)] = (ready, device_table(args.quant_type, args.device).data_ptr())
+
+
+def _run_dequantize_plan(weight, out: torch.Tensor | None) -> torch.Tensor | None:
+    """Launches the plan of ``weight``'s format and shape into ``out`` (a new tensor if None); None
+    if there is none or it cannot (another current GPU, an unaligned pointer, a profiler's hook)."""
+    plan = _plans.get(_dequantize_plan_key(weight))
+    if plan is None:
+        return None
+    ready, table = plan
+    if ready.device_index != torch.cuda.current_device():
+        return None
+    if out is None:
+        out = torch.empty(weight.shape, dtype=weight.out_dtype, device=weight.device)
+    pointers = [weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code2.data_ptr(),
+                weight.absmax2.data_ptr(), weight.offset.data_ptr(), table, out.data_ptr()]
+    aligned = 0
+    for pointer in pointers:
+        aligned |= pointer
+    if aligned & 15 or not ready.launch([*pointers, weight.n, weight.n_rows, weight.n_cols]):
+        return None
+    return out
 
 
 def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
