@@ -13,7 +13,10 @@ import bitsandbytes.functional as F  # noqa: E402
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches through nf4-explorer's variants."""
+    """Counts kernel launches through nf4-explorer's variants, and the dispatcher's lean-path
+    launches of a planned problem (on a GPU) as "dequantize (lean path)" / "linear (lean path)"."""
+    from nf4_explorer import _dispatch
+
     calls = []
     original = Variant.launch
 
@@ -21,7 +24,17 @@ def launches(monkeypatch):
         calls.append(self.name)
         return original(self, args, config)
 
+    def counting_plan(run, family):
+        def counted(*args):
+            result = run(*args)
+            if result is not None:
+                calls.append(f"{family} (lean path)")
+            return result
+        return counted
+
     monkeypatch.setattr(Variant, "launch", counting)
+    monkeypatch.setattr(_dispatch, "_run_dequantize_plan", counting_plan(_dispatch._run_dequantize_plan, "dequantize"))
+    monkeypatch.setattr(_dispatch, "_run_plan", counting_plan(_dispatch._run_plan, "linear"))
     return calls
 
 
@@ -122,7 +135,7 @@ def test_inference_matmul_4bit_is_routed_at_every_m(device, m, launches):
     bound = tuning.tolerance(x, layer.weight, state, reference=reference)
     with torch.no_grad(), nf4_explorer.patch_bitsandbytes(linear=True):
         out = bnb.matmul_4bit(x, layer.weight, quant_state=state)
-    routed = [name for name in launches if name.startswith("linear_")]
+    routed = [name for name in launches if name.startswith("linear")]
     assert routed, "bitsandbytes::gemm_4bit did not reach nf4-explorer"
     assert (out.double() - reference).abs().max().item() <= bound
     launches.clear()
@@ -152,7 +165,7 @@ def test_linear4bit_inference_forward_takes_the_shortcut(device, launches, monke
         with torch.no_grad():
             out = layer(x)
             assert not calls, "the inference forward ran bitsandbytes' Python"
-            assert [name for name in launches if name.startswith("linear_")], "the forward was not routed"
+            assert [name for name in launches if name.startswith("linear")], "the forward was not routed"
             via_op = matmul_4bit(x, layer.weight, bias=layer.bias, quant_state=layer.weight.quant_state)
         assert_bit_equal(out, via_op, "shortcut against the op hook")
         layer(x.requires_grad_())
@@ -267,7 +280,7 @@ def test_linear_false_leaves_the_matmul_to_bitsandbytes(device, launches):
     with torch.no_grad(), nf4_explorer.patch_bitsandbytes(linear=False):
         assert bnb.nn.Linear4bit.forward is original_forward
         layer(x)
-    assert not [name for name in launches if name.startswith("linear_")]
+    assert not [name for name in launches if name.startswith("linear")]
     with torch.no_grad(), nf4_explorer.patch_bitsandbytes():  # the default routes the matmul
         layer(x)
-    assert [name for name in launches if name.startswith("linear_")]
+    assert [name for name in launches if name.startswith("linear")]
