@@ -212,6 +212,8 @@ LEAN_CHANGES = {
     "non-contiguous x": lambda x, p, s, b: (torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).t(), p, s, b),
     "float16 x": lambda x, p, s, b: (x.half(), p, s, b),
     "a bias": lambda x, p, s, b: (x, p, s, torch.randn(256, device="cuda", dtype=torch.bfloat16)),
+    "a module's bias (a Parameter)": lambda x, p, s, b: (x, p, s, torch.nn.Parameter(
+        torch.randn(256, device="cuda", dtype=torch.bfloat16), requires_grad=False)),
     "another weight format": lambda x, p, s, b: (x, *nf4_explorer.quantize(
         torch.randn(256, 512, device="cuda", dtype=torch.bfloat16), blocksize=128, quant_type="fp4"), b),
     "absmax given new data": lambda x, p, s, b: (setattr(s.absmax, "data", s.absmax.flip(0).contiguous()),

@@ -341,8 +341,9 @@ def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.
 
 def _plan_key(x: torch.Tensor, weight, bias: torch.Tensor | None) -> tuple | None:
     """Everything ``prepare_linear`` and the dispatcher read of a problem, but the data pointers;
-    None for a bias that is not a plain tensor (the checks then say what is wrong)."""
-    if bias is not None and type(bias) is not torch.Tensor:
+    None for a bias that is neither a plain tensor nor a Parameter (a module's bias, as Qwen's q/k/v
+    projections pass it): another subclass's attribute reads may differ, and its checks say what is wrong."""
+    if bias is not None and type(bias) is not torch.Tensor and type(bias) is not torch.nn.Parameter:
         return None
     return (x.dtype, x.shape, x.is_contiguous(), x.get_device(), tuple(weight.shape), weight.blocksize,
             weight.nested_blocksize, weight.quant_type, weight.double_quant, weight.out_dtype, weight.device,
