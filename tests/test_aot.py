@@ -43,7 +43,7 @@ def test_linear_variants_compile(target):
     """Each fused linear kernel compiles ahead of time at its default config and its space's corners
     (smallest and largest tiles) for bfloat16, float16 and float32 x (those x dtypes its ``accepts``
     takes: the register-LUT variants decline float32); their whole spaces are hundreds of configs
-    each, which the tuner prunes on the card."""
+    each, which the tuner prunes on the card. Split-K's second kernel compiles too."""
     code = f"""
 import json, types, torch, nf4_explorer
 from nf4_explorer.tuner.aot import TARGETS, compile_config, supports
@@ -62,10 +62,25 @@ for name in nf4_explorer.names(family="linear"):
                 compile_config(name, config, TARGETS["{target}"], out_dtype=dtype)
             except Exception as exc:
                 failures.append(f"{{name}} {{config}} {{dtype}}: {{type(exc).__name__}}: {{str(exc)[:300]}}")
+# split-K's second kernel (linear_lut_gemm's sum of the float32 planes, bias, one cast)
+import triton
+from triton.compiler import ASTSource
+from nf4_explorer.linear_lut_gemm import _SUM_CONFIG, sum_splits_kernel
+for dtype in ("*bf16", "*fp16"):
+    for split, bias in ((2, True), (8, False)):
+        tried += 1
+        signature = {{"part_ptr": "*fp32", "bias_ptr": dtype, "out_ptr": dtype, "M": "i32", "N": "i32",
+                     "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}}
+        source = ASTSource(sum_splits_kernel, signature,
+                           constexprs={{"SPLIT_K": split, "HAS_BIAS": bias, "BLOCK": _SUM_CONFIG["BLOCK"]}})
+        try:
+            triton.compile(source, target=TARGETS["{target}"], options={{"num_warps": _SUM_CONFIG["num_warps"]}})
+        except Exception as exc:
+            failures.append(f"sum_splits_kernel {{dtype}} SPLIT_K={{split}}: {{type(exc).__name__}}: {{str(exc)[:300]}}")
 print(json.dumps({{"tried": tried, "failures": failures}}))
 """
     report = json.loads(_run(["-c", code]).strip().splitlines()[-1])
-    assert report["tried"] >= 18 and not report["failures"], "\n".join(report["failures"])
+    assert report["tried"] >= 22 and not report["failures"], "\n".join(report["failures"])
 
 
 CHECK_PTX = """
