@@ -295,6 +295,28 @@ def test_merge_falls_back_to_the_runner_up_when_the_winner_kernel_changed(tmp_pa
     assert (entry["variant"], entry["pct_of_copy"], entry["gbps"]) == ("word_unpack", None, 0.5)
 
 
+def test_a_narrowed_tune_keeps_the_files_runners_up(tmp_path):
+    """A re-tune of one variant replaces the entry but keeps, as runners-up, what the file measured of
+    the variants it did not tune (the old winner included), unless their kernels changed since."""
+    word = nf4_explorer.get("word_unpack").default_config(64)
+    gather = nf4_explorer.get("where_gather").default_config(64)
+    per_row = nf4_explorer.get("per_row").default_config(64)
+    tile = nf4_explorer.get("block_tile").default_config(64)
+    hashes = {name: _cache.kernel_hash(name) for name in nf4_explorer.names(family=None)}
+    hashes["per_row"] = "1" * 16  # changed since the file was written: its old time says nothing now
+    old = _entry(TINY, "word_unpack", word, time_us=2.0,
+                 others={"where_gather": {"config": gather, "time_us": 3.0},
+                         "per_row": {"config": per_row, "time_us": 4.0},
+                         "block_tile": {"config": tile, "time_us": 9.0}})
+    path = tmp_path / "x.json"
+    _write(path, [old], kernel_hashes=hashes)
+    new = _entry(TINY, "block_tile", tile, time_us=1.5)  # tuned alone (tune --variants block_tile)
+    (entry,) = cache_writer.merge(path, [new], {})["entries"]
+    assert (entry["variant"], entry["time_us"]) == ("block_tile", 1.5)
+    assert entry["others"] == {"word_unpack": {"config": word, "time_us": 2.0},
+                               "where_gather": {"config": gather, "time_us": 3.0}}
+
+
 def test_presets_and_shapes():
     presets = load_presets()
     llm = expand(presets["llm"])

@@ -91,7 +91,7 @@ def merge(path: Path, new_entries: list[dict], header: dict) -> dict:
             old_time = old.get("time_us") if old is not None else None
             if (old is None or tuning.entry_problem(old) is not None or not isinstance(old_time, (int, float))
                     or entry["time_us"] <= old_time):
-                by_key[key] = entry
+                by_key[key] = with_earlier_others(entry, old, old_hashes)
         doc.update(header)
         doc["schema_version"] = tuning.SCHEMA_VERSION
         doc["kernel_hashes"] = {name: tuning.kernel_hash(name) for name in nf4_explorer.names(family=None)}
@@ -135,6 +135,30 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
                 if isinstance(old_time, (int, float)) and isinstance(entry.get(field), (int, float))}
     return {**entry, **rescaled, "variant": name, "config": best["config"], "time_us": best["time_us"],
             "kernel_hash": tuning.kernel_hash(name), "others": valid}
+
+
+def with_earlier_others(entry: dict, old: dict | None, old_hashes: dict) -> dict:
+    """``entry`` with what ``old`` (the entry it replaces) measured of variants this run did not: its
+    winner and runners-up whose kernels are unchanged since (``old_hashes``: the file's hashes when
+    it was written), as runners-up. A tune narrowed to some variants (``--variants``, ``--space``)
+    thus keeps the file's knowledge of the others, which ``show`` lists and :func:`runner_up` falls
+    back on after a kernel edit."""
+    if not isinstance(old, dict):
+        return entry
+    registered = nf4_explorer.names(family=None)
+    measured = {entry["variant"], *entry.get("others", {})}
+    earlier = dict(old.get("others")) if isinstance(old.get("others"), dict) else {}
+    hashes = {name: old_hashes.get(name) for name in earlier}
+    if isinstance(old.get("variant"), str):
+        earlier[old["variant"]] = {"config": old.get("config"), "time_us": old.get("time_us")}
+        hashes[old["variant"]] = old.get("kernel_hash")
+    carried = {name: {"config": other["config"], "time_us": other["time_us"]} for name, other in earlier.items()
+               if name not in measured and name in registered and hashes[name] == tuning.kernel_hash(name)
+               and isinstance(other, dict) and isinstance(other.get("config"), dict)
+               and isinstance(other.get("time_us"), (int, float))}
+    if not carried:
+        return entry
+    return {**entry, "others": dict(sorted({**entry.get("others", {}), **carried}.items()))}
 
 
 def _sort_key(entry: dict):
