@@ -143,9 +143,9 @@ def _lean_forward(original):
     def forward(self, x):
         weight, bias = self.weight, self.bias
         state = getattr(weight, "quant_state", None)
-        if (torch.compiler.is_compiling() or state is None or type(x) is not torch.Tensor
-                or x.dtype is not self.compute_dtype or x.dtype is not state.dtype or not self.compute_type_is_set
-                or not (x.is_cuda or interpreter_enabled())
+        if (torch.compiler.is_compiling() or state is None or type(x) is not torch.Tensor or x.dim() == 0
+                or x.dtype is not getattr(self, "compute_dtype", None) or x.dtype is not state.dtype
+                or not getattr(self, "compute_type_is_set", False) or not (x.is_cuda or interpreter_enabled())
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
                 or (bias is not None and bias.dtype is not x.dtype) or len(state.shape) != 2
                 or state.shape[1] != x.shape[-1] or getattr(state, "packing_format_for_cpu", False)):
