@@ -141,14 +141,17 @@ def _lean_forward(original):
 
     @functools.wraps(original)
     def forward(self, x):
-        weight, bias = self.weight, self.bias
+        # The parameters straight from the module's dict: Module.__getattr__ costs ~0.8 µs a read.
+        parameters = self.__dict__.get("_parameters", {})
+        weight, bias = parameters.get("weight"), parameters.get("bias")
         state = getattr(weight, "quant_state", None)
         if (torch.compiler.is_compiling() or state is None or type(x) is not torch.Tensor or x.dim() == 0
                 or x.dtype is not getattr(self, "compute_dtype", None) or x.dtype is not state.dtype
-                or not getattr(self, "compute_type_is_set", False) or not (x.is_cuda or interpreter_enabled())
+                or not getattr(self, "compute_type_is_set", False)
                 or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
                 or (bias is not None and bias.dtype is not x.dtype) or len(state.shape) != 2
-                or state.shape[1] != x.shape[-1] or getattr(state, "packing_format_for_cpu", False)):
+                or state.shape[1] != x.shape[-1]
+                or not (x.is_cuda or (interpreter_enabled() and not getattr(state, "packing_format_for_cpu", False)))):
             return original(self, x)
         return linear_eager(x, weight, state, bias)
 
