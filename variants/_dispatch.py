@@ -7,7 +7,8 @@ shape, else the nearest size bucket with the same quant type, blocksize, double 
 linear problem the exact [N, K] at the nearest M bucket, else the nearest [N, K] (a float16 x takes a
 bfloat16 entry where no float16 one is nearer, and the other way round). A variant that
 cannot take a problem (``Variant.accepts``) is passed over for the family's always-valid fallback.
-The choice is memoized per problem, so a steady-state call costs one dict lookup before the launch.
+The choice is memoized per problem; on a GPU a steady call of a problem seen before goes further,
+on its plan (``_plans``): no dispatcher and no validation of x, straight to the kept launch.
 
 This module holds the eager paths; ``_api.py`` adds the torch.compile and autograd routes.
 """
