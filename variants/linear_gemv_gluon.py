@@ -223,7 +223,7 @@ register(Variant(
         "BLOCK_M": (1, 2),
         "ROWS": (2, 4),
         "WARPS_N": (1, 2, 4, 8),
-        "STAGES": (2,),
+        "STAGES": (2, 3, 4),
         "num_warps": (2, 4, 8),
         "num_stages": (1,),
     },
