@@ -122,9 +122,7 @@ def runner_up(entry: dict, old_hashes: dict) -> dict:
     if winner not in registered or entry.get("kernel_hash") == tuning.kernel_hash(winner):
         return entry
     others = entry.get("others") if isinstance(entry.get("others"), dict) else {}
-    valid = {name: other for name, other in others.items()
-             if name in registered and old_hashes.get(name) == tuning.kernel_hash(name) and isinstance(other, dict)
-             and isinstance(other.get("config"), dict) and isinstance(other.get("time_us"), (int, float))}
+    valid = {name: other for name, other in others.items() if _current(name, other, old_hashes.get(name), registered)}
     if not valid:
         return entry
     name = min(valid, key=lambda n: valid[n]["time_us"])
@@ -153,12 +151,18 @@ def with_earlier_others(entry: dict, old: dict | None, old_hashes: dict) -> dict
         earlier[old["variant"]] = {"config": old.get("config"), "time_us": old.get("time_us")}
         hashes[old["variant"]] = old.get("kernel_hash")
     carried = {name: {"config": other["config"], "time_us": other["time_us"]} for name, other in earlier.items()
-               if name not in measured and name in registered and hashes[name] == tuning.kernel_hash(name)
-               and isinstance(other, dict) and isinstance(other.get("config"), dict)
-               and isinstance(other.get("time_us"), (int, float))}
+               if name not in measured and _current(name, other, hashes[name], registered)}
     if not carried:
         return entry
     return {**entry, "others": dict(sorted({**entry.get("others", {}), **carried}.items()))}
+
+
+def _current(name: str, result, recorded_hash, registered) -> bool:
+    """Whether a recorded result ``{"config", "time_us"}`` of variant ``name`` still stands: the
+    variant is registered, its kernel hash is the one recorded with the result, and the result has
+    a config and a time."""
+    return (name in registered and recorded_hash == tuning.kernel_hash(name) and isinstance(result, dict)
+            and isinstance(result.get("config"), dict) and isinstance(result.get("time_us"), (int, float)))
 
 
 def _sort_key(entry: dict):
