@@ -63,6 +63,17 @@ def test_best_loop_seconds_alternates_providers_and_keeps_each_best(monkeypatch)
     assert best == {"a": 4.0, "b": 7.0}
 
 
+@pytest.mark.parametrize("config", timing.READ_CONFIGS)
+def test_the_read_floor_kernel_reads_every_word_once(device, config):
+    # A floor kernel that skipped or repeated words would time fewer or more bytes than it claims.
+    chunk = config[0]
+    for n_words in (1, chunk - 1, chunk + 1, 2 * chunk + 808):
+        src = torch.randint(-2**20, 2**20, (n_words,), dtype=torch.int32, device=device)
+        sums = timing.read_words(src, *config)
+        chunks = torch.nn.functional.pad(src, (0, sums.numel() * chunk - n_words)).view(-1, chunk).sum(dim=1)
+        assert torch.equal(sums.cpu(), chunks.to(torch.int32).cpu())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_bench_without_a_gpu_refuses(capsys):
     assert cli.main(["bench", "--shapes", "256x512"]) == 2

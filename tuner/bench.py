@@ -159,13 +159,15 @@ class LinearRow:
     problem: str
     m: int
     floor_us: float
+    read_us: float  # a kernel that only reads the problem's bytes (timing.read_floor_us)
     times: dict[str, float]
     choice: str
 
 
 def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
     """Times ``nf4_explorer.linear`` (the dispatcher) beside its anchors, in one process: the floor
-    (packed weight + absmax + x + output bytes at the card's copy rate), bitsandbytes' ``matmul_4bit``
+    (packed weight + absmax + x + output bytes at the card's copy rate), the read floor (a kernel
+    that reads as many bytes and does nothing else), bitsandbytes' ``matmul_4bit``
     and its dequantize + ``F.linear``, our dequantize + cuBLAS, and the dense bf16/fp16 weight under
     cuBLAS. Every provider's output is checked first (the fused tolerance; exact for dequantize + cuBLAS)."""
     device = torch.device(device)
@@ -196,7 +198,8 @@ def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
                 lambda: torch.nn.functional.linear(x, bnb.dequantize_4bit(packed, state).to(x.dtype)))
         times = {name: timing.median_us(fn, device=device) for name, fn in providers.items()}
         floor = problem.bytes_moved() / (copy_gbps * 1e9) * 1e6
+        read_us = timing.read_floor_us(problem.bytes_moved(), device)
         choice = tuning.explain_linear(x, packed, state)
-        rows.append(LinearRow(problem.weight_problem().label(), problem.m, floor, times,
+        rows.append(LinearRow(problem.weight_problem().label(), problem.m, floor, read_us, times,
                               f"{choice.variant} [{choice.reason}]"))
     return copy_gbps, rows

@@ -424,12 +424,13 @@ def _bench_linear(args, device) -> int:
     providers = list(rows[0].times)
     table = Table(title=f"linear, µs | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s | "
                         f"torch {torch.__version__}, triton {triton.__version__}")
-    for column in ("problem", "M", "floor", *providers, "x floor", "vs bnb", "runs"):
+    for column in ("problem", "M", "floor", "read floor", *providers, "x floor", "vs bnb", "runs"):
         table.add_column(column)
     for row in rows:
         ours = row.times["nf4-explorer"]
         bnb = row.times.get("bitsandbytes matmul_4bit")
-        table.add_row(row.problem, str(row.m), f"{row.floor_us:.1f}", *(f"{row.times[p]:.1f}" for p in providers),
+        table.add_row(row.problem, str(row.m), f"{row.floor_us:.1f}", f"{row.read_us:.1f}",
+                      *(f"{row.times[p]:.1f}" for p in providers),
                       f"{ours / row.floor_us:.1f}", f"{bnb / ours:.2f}x" if bnb else "-", row.choice)
     console.print(table)
     return 0
@@ -504,7 +505,7 @@ def main(argv=None) -> int:
     bench.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     bench.add_argument("--linear", action="store_true", help="the linear family: nf4_explorer.linear per M beside "
-                       "bitsandbytes, dequantize + cuBLAS, dense cuBLAS and the floor")
+                       "bitsandbytes, dequantize + cuBLAS, dense cuBLAS, the floor and the read floor")
     bench.add_argument("--e2e", action="store_true", help="whole Llama-3-8B-shaped models (random weights): decode, "
                        "prefill and a QLoRA step; dense bf16, bitsandbytes NF4 and NF4 patched, in one process")
     bench.add_argument("--layers", type=_positive(int), default=32,

@@ -46,6 +46,37 @@ def empty_launch_us(device) -> float:
     return median_us(lambda: _empty_kernel[(1,)](x), device=device)
 
 
+@triton.jit
+def _read_kernel(src_ptr, out_ptr, n_words, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Sums CHUNK int32 words of ``src`` per program into ``out[program]``: reads them, nothing else."""
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros([BLOCK], tl.int32)
+    for offset in range(0, CHUNK, BLOCK):
+        at = start + offset + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + at, mask=at < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+# (CHUNK, BLOCK, num_warps) of the read floor: 16-byte loads, 1-4 of them a thread per step.
+READ_CONFIGS = [(chunk, block, warps) for chunk in (4096, 16384) for block in (1024, 4096) for warps in (4, 8)]
+
+
+def read_words(src: torch.Tensor, chunk: int, block: int, num_warps: int) -> torch.Tensor:
+    """The sums of ``src`` (int32) per CHUNK words, by :func:`_read_kernel`."""
+    out = torch.empty(triton.cdiv(src.numel(), chunk), dtype=torch.int32, device=src.device)
+    _read_kernel[(out.numel(),)](src, out, src.numel(), CHUNK=chunk, BLOCK=block, num_warps=num_warps)
+    return out
+
+
+def read_floor_us(n_bytes: int, device) -> float:
+    """do_bench median of the fastest of :data:`READ_CONFIGS` of a kernel that only reads ``n_bytes``
+    once: the least time any kernel that must move these bytes takes on this card, launch included.
+    Below ~100 MB it is well over ``n_bytes`` at the copy rate (the copy rate is reached by large
+    copies only)."""
+    src = torch.zeros(triton.cdiv(n_bytes, 4), dtype=torch.int32, device=device)
+    return min(median_us(lambda: read_words(src, *config), device=device) for config in READ_CONFIGS)
+
+
 def loop_seconds(calls, repeats: int = 1000) -> float:
     """Wall-clock seconds for ``repeats`` rounds of every call in ``calls``, back to back, with one
     synchronize at the end (launch overhead shows here, unlike in do_bench)."""
