@@ -475,7 +475,8 @@ def main(argv=None) -> int:
     tune.add_argument("--m", help="linear family: comma-separated M buckets (default: 1,2,4,...,4096)")
     tune.add_argument("--variants", help="comma-separated variants of the family (default: all registered)")
     tune.add_argument("--driver", choices=["optuna", "exhaustive"], default="optuna",
-                      help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: triton.autotune over the whole space")
+                      help="optuna: seeded TPE per (GPU, variant, problem); exhaustive: every config of the space "
+                      "(triton.autotune for the dequantize family, the runtime's launcher for linear)")
     tune.add_argument("--space", action="append", type=_narrowing, default=[], metavar="PARAM=V1,V2",
                       help="search PARAM over these values only, in every variant that has it (repeatable), e.g. "
                       "--space SPLIT_K=2,4,8 --space WORDS=16; the entries stay valid for the whole space")
