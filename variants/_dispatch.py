@@ -288,11 +288,8 @@ def _remember_dequantize_plan(args) -> None:
     choice, chosen = _resolve(args, "dequantize", None, None)  # what ran (a failed tuned entry fell back)
     ready = (_launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
              if chosen.kernel is not None and chosen.run is None else None)
-    if ready is None:
-        return
-    if len(_plans) >= _PLANS_LIMIT:
-        _plans.clear()
-    _plans[_dequantize_plan_key(args)] = (ready, device_table(args.quant_type, args.device).data_ptr())
+    if ready is not None:
+        _keep(_dequantize_plan_key(args), (ready, device_table(args.quant_type, args.device).data_ptr()))
 
 
 def _run_dequantize_plan(weight, out: torch.Tensor | None) -> torch.Tensor | None:
@@ -302,18 +299,11 @@ def _run_dequantize_plan(weight, out: torch.Tensor | None) -> torch.Tensor | Non
     if plan is None:
         return None
     ready, table = plan
-    if ready.device_index != torch.cuda.current_device():
-        return None
     if out is None:
         out = torch.empty(weight.shape, dtype=weight.out_dtype, device=weight.device)
-    pointers = [weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code2.data_ptr(),
-                weight.absmax2.data_ptr(), weight.offset.data_ptr(), table, out.data_ptr()]
-    aligned = 0
-    for pointer in pointers:
-        aligned |= pointer
-    if aligned & 15 or not ready.launch([*pointers, weight.n, weight.n_rows, weight.n_cols]):
-        return None
-    return out
+    values = [weight.packed, weight.absmax, weight.code2, weight.absmax2, weight.offset, table, out,
+              weight.n, weight.n_rows, weight.n_cols]
+    return out if _replay(ready, values, 7) else None
 
 
 def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None, *,
@@ -358,15 +348,13 @@ def _remember_plan(key: tuple, args) -> None:
     # ready_launch finds nothing for them, and the plan keeps the choice instead.
     ready = (_launch.ready_launch(chosen.name, args.kernel_arguments(), choice.config, args.device)
              if chosen.kernel is not None else None)
-    if len(_plans) >= _PLANS_LIMIT:
-        _plans.clear()
     shape = None if args.x.dim() == 2 else (*args.x.shape[:-1], args.n)
     table = device_pair_table(args.weight.quant_type, args.device).data_ptr() if ready is not None else None
-    _plans[key] = (ready, args.m, args.n, args.k, table, shape, choice, chosen)
+    _keep(key, (ready, args.m, args.n, args.k, table, shape, choice, chosen))
 
 
 def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Launches a remembered plan; None if it cannot (an unaligned pointer, a profiler's hook)."""
+    """Launches a remembered plan; None if it cannot (see :func:`_replay`)."""
     ready, m, n, k, table, shape, choice, chosen = plan
     if ready is None:  # the variant's own run, on the checks and choice of the planned call
         x2d = x if shape is None else x.view(m, k)
@@ -374,19 +362,34 @@ def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -
                           device=weight.device)
         chosen.launch(args, choice.config)
         return args.result()
-    if ready.device_index != torch.cuda.current_device():
-        return None  # the normal launch switches to the tensors' GPU
     x2d = x if shape is None else x.view(m, k)
     out = x2d.new_empty((m, n))
-    values = runtime_arguments(x2d.data_ptr(), weight, table, bias, out, m, n, k)
+    if not _replay(ready, runtime_arguments(x2d.data_ptr(), weight, table, bias, out, m, n, k), 9):
+        return None
+    return out if shape is None else out.view(shape)
+
+
+def _keep(key: tuple, plan: tuple) -> None:
+    """Keeps a plan of either family (all are forgotten beyond ``_PLANS_LIMIT``: calls plan anew)."""
+    if len(_plans) >= _PLANS_LIMIT:
+        _plans.clear()
+    _plans[key] = plan
+
+
+def _replay(ready, values: list, pointers: int) -> bool:
+    """Launches a plan's kept launch on ``values``, the kernel's runtime arguments, whose first
+    ``pointers`` are tensors or data pointers (tensors are replaced by theirs). False if it cannot:
+    another current GPU (the normal launch switches to the tensors' one), an unaligned pointer, a
+    profiler's launch hook."""
+    if ready.device_index != torch.cuda.current_device():
+        return False
     aligned = 0
-    for i, value in enumerate(values[:9]):  # the pointers
+    for i in range(pointers):
+        value = values[i]
         if type(value) is not int:
             values[i] = value = value.data_ptr()
         aligned |= value
-    if aligned & 15 or not ready.launch(values):
-        return None
-    return out if shape is None else out.view(shape)
+    return not aligned & 15 and ready.launch(values)
 
 
 def explain(packed: torch.Tensor, state: Any, *, variant: str | None = None, config: Mapping | None = None) -> Choice:
