@@ -229,7 +229,8 @@ def test_an_edited_helper_makes_the_entry_stale(config_dir, monkeypatch):
     before = _cache.kernel_hash(name)
     module = sys.modules[nf4_explorer.get(name).kernel.fn.__module__]
     original = inspect.getsource
-    monkeypatch.setattr(inspect, "getsource", lambda obj: original(obj) + ("\n# edited helper" if obj is module else ""))
+    edit = "\nEDITED_HELPER = 1\n"
+    monkeypatch.setattr(inspect, "getsource", lambda obj: original(obj) + (edit if obj is module else ""))
     _cache.kernel_hash.cache_clear()
     try:
         assert _cache.kernel_hash(name) != before
@@ -239,6 +240,37 @@ def test_an_edited_helper_makes_the_entry_stale(config_dir, monkeypatch):
     finally:
         monkeypatch.undo()
         _cache.kernel_hash.cache_clear()
+
+
+def test_an_edit_of_comments_or_docstrings_leaves_the_entries_valid(monkeypatch):
+    """The kernel hash covers code only: prose edits keep a tuned file's entries (and its studies)."""
+    import inspect
+    import sys
+
+    source = ('"""Module docstring."""\nimport math  # why\n\n\ndef f(a):\n    """Docstring."""\n'
+              '    # a note\n    asm = """\nmov.b32 $0, 1;\n"""\n    return a + 1  # trailing\n')
+    prose = (source.replace("Module docstring.", "Another one.").replace("# why", "# because")
+             .replace('"""Docstring."""', '"""Docstring,\n\n    longer."""').replace("    # a note\n", ""))
+    assert _cache.code_only(prose) == _cache.code_only(source)
+    assert "mov.b32 $0, 1;" in _cache.code_only(source)  # a string that is a value is code
+    for code in (source.replace("a + 1", "a + 2"), source.replace("$0, 1", "$0, 2"), source.replace("math", "cmath")):
+        assert _cache.code_only(code) != _cache.code_only(source)
+
+    name = "where_gather"
+    before = _cache.kernel_hash(name)
+    module = sys.modules[nf4_explorer.get(name).kernel.fn.__module__]
+    original = inspect.getsource
+    # The module's first blank-line gap gets a comment (prose), or a documented function (code).
+    for inserted, same in (("\n# a note on the kernel\n\n\n", True),
+                           ('\n\n\ndef later():\n    """Documented."""\n\n\n', False)):
+        monkeypatch.setattr(inspect, "getsource", lambda obj, inserted=inserted: (
+            original(obj).replace("\n\n\n", inserted, 1) if obj is module else original(obj)))
+        _cache.kernel_hash.cache_clear()
+        try:
+            assert (_cache.kernel_hash(name) == before) is same
+        finally:
+            monkeypatch.undo()
+            _cache.kernel_hash.cache_clear()
 
 
 @pytest.mark.parametrize("stale, cause", [

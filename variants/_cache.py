@@ -25,9 +25,12 @@ import functools
 import hashlib
 import importlib.resources
 import inspect
+import io
 import json
 import os
 import re
+import textwrap
+import tokenize
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,8 +106,9 @@ def find_file(name: str) -> Path | None:
 def kernel_hash(variant_name: str) -> str:
     """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
     module (kernel, helpers, grid, space), the shared device code (``_decode``), the compile options,
-    the family's argument builder (what the kernel is called with) and the space. An edit to any of
-    them marks its tuned entries stale; validation, dispatch or file handling do not."""
+    the family's argument builder (what the kernel is called with) and the space, their code only
+    (:func:`code_only`). An edit of that code marks its tuned entries stale; an edit of comments or
+    docstrings, validation, dispatch or file handling does not."""
     import sys
 
     from . import _decode, _format, _launch, _linear, _registry
@@ -117,9 +121,43 @@ def kernel_hash(variant_name: str) -> str:
                     _format.problem_constexprs)
     else:
         builders = (_format.DequantArgs.kernel_arguments, _format.device_table, _format.problem_constexprs)
-    parts = [inspect.getsource(module), inspect.getsource(_decode), inspect.getsource(_launch.launch_options),
-             *(inspect.getsource(b) for b in builders), repr(sorted(variant.space.items()))]
+    sources = (module, _decode, _launch.launch_options, *builders)
+    parts = [*(code_only(inspect.getsource(source)) for source in sources), repr(sorted(variant.space.items()))]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+
+
+_STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+
+
+@functools.lru_cache(maxsize=64)
+def code_only(source: str) -> str:
+    """``source`` without its comments, docstrings, blank lines and trailing spaces, so that an edit
+    of the prose leaves the kernel hash (and the tuned entries) alone. tokenize finds the comments
+    and the docstrings (a string that is a whole statement); they are cut from the text itself, so
+    the result does not depend on the Python version's tokens (3.12 splits f-strings)."""
+    text = textwrap.dedent(source)
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type != tokenize.NL]
+    cuts, previous = [], tokenize.NEWLINE
+    for i, token in enumerate(tokens):
+        if token.type == tokenize.COMMENT:
+            cuts.append(token)
+            continue
+        if token.type == tokenize.STRING and previous in _STATEMENT_START:
+            after = next((t.type for t in tokens[i + 1:] if t.type != tokenize.COMMENT), tokenize.ENDMARKER)
+            if after in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                cuts.append(token)
+        previous = token.type
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    kept, at = [], 0
+    for token in cuts:
+        begin = starts[token.start[0] - 1] + token.start[1]
+        kept.append(text[at:begin])
+        at = starts[token.end[0] - 1] + token.end[1]
+    kept.append(text[at:])
+    return "\n".join(line.rstrip() for line in "".join(kept).splitlines() if line.strip())
 
 
 def entry_family(entry: dict) -> str:
