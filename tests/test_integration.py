@@ -204,7 +204,7 @@ def test_import_order_does_not_matter(tmp_path):
 
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-12000:]  # the interpreter chains the kernel's own error first
     routed = eval(result.stdout.strip().splitlines()[-1])
     assert any(name.startswith("linear_") for name in routed) and any(not name.startswith("linear_") for name in routed), routed
 
