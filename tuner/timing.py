@@ -57,7 +57,7 @@ def _read_kernel(src_ptr, out_ptr, n_words, CHUNK: tl.constexpr, BLOCK: tl.const
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-# (CHUNK, BLOCK, num_warps) of the read floor: 16-byte loads, 1-4 of them a thread per step.
+# (CHUNK, BLOCK, num_warps) of the read floor: 16-byte loads, 1-8 of them a thread per step.
 READ_CONFIGS = [(chunk, block, warps) for chunk in (4096, 16384) for block in (1024, 4096) for warps in (4, 8)]
 
 
@@ -70,9 +70,9 @@ def read_words(src: torch.Tensor, chunk: int, block: int, num_warps: int) -> tor
 
 def read_floor_us(n_bytes: int, device) -> float:
     """do_bench median of the fastest of :data:`READ_CONFIGS` of a kernel that only reads ``n_bytes``
-    once: the least time any kernel that must move these bytes takes on this card, launch included.
-    Below ~100 MB it is well over ``n_bytes`` at the copy rate (the copy rate is reached by large
-    copies only)."""
+    once, launch included: about the least a kernel that must read these bytes takes on this card.
+    At tens of MB it is about twice ``n_bytes`` at the copy rate of large copies (H200, 29 MB: 14.3
+    against 7.3 µs; docs/performance.md, session 13)."""
     src = torch.zeros(triton.cdiv(n_bytes, 4), dtype=torch.int32, device=device)
     return min(median_us(lambda: read_words(src, *config), device=device) for config in READ_CONFIGS)
 
