@@ -255,6 +255,9 @@ def test_an_edit_of_comments_or_docstrings_leaves_the_entries_valid(monkeypatch)
     assert "mov.b32 $0, 1;" in _cache.code_only(source)  # a string that is a value is code
     for code in (source.replace("a + 1", "a + 2"), source.replace("$0, 1", "$0, 2"), source.replace("math", "cmath")):
         assert _cache.code_only(code) != _cache.code_only(source)
+    method = '    def g(self):\n        """Doc."""\n        return """\nat column 0\n"""\n'  # does not dedent
+    assert _cache.code_only(method) == '    def g(self):\n        return """\nat column 0\n"""'
+    assert _cache.code_only("x = (\n") == "x = (\n"  # what tokenize refuses is hashed as it is
 
     name = "where_gather"
     before = _cache.kernel_hash(name)

@@ -136,7 +136,10 @@ def code_only(source: str) -> str:
     and the docstrings (a string that is a whole statement); they are cut from the text itself, so
     the result does not depend on the Python version's tokens (3.12 splits f-strings)."""
     text = textwrap.dedent(source)
-    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type != tokenize.NL]
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type != tokenize.NL]
+    except (tokenize.TokenError, SyntaxError):  # what tokenize refuses is hashed as it is
+        return source
     cuts, previous = [], tokenize.NEWLINE
     for i, token in enumerate(tokens):
         if token.type == tokenize.COMMENT:
