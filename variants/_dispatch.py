@@ -356,13 +356,12 @@ def _remember_plan(key: tuple, args) -> None:
 def _run_plan(plan: tuple, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """Launches a remembered plan; None if it cannot (see :func:`_replay`)."""
     ready, m, n, k, table, shape, choice, chosen = plan
+    x2d = x if shape is None else x.view(m, k)
     if ready is None:  # the variant's own run, on the checks and choice of the planned call
-        x2d = x if shape is None else x.view(m, k)
         args = LinearArgs(x=x, x2d=x2d, weight=weight, bias=bias, out=None, m=m, n=n, k=k, dtype=x.dtype,
                           device=weight.device)
         chosen.launch(args, choice.config)
         return args.result()
-    x2d = x if shape is None else x.view(m, k)
     out = x2d.new_empty((m, n))
     if not _replay(ready, runtime_arguments(x2d.data_ptr(), weight, table, bias, out, m, n, k), 9):
         return None
