@@ -100,10 +100,10 @@ def test_a_changed_search_space_starts_a_new_study(config_dir, device, tmp_path,
     monkeypatch.setitem(_registry._REGISTRY, "where_gather", narrower)
     _cache.kernel_hash.cache_clear()  # the hash covers the space; it is cached per name
     try:
-        best, count = optuna_search(workload, "where_gather", trials=2, **kwargs)
+        ranked, count = optuna_search(workload, "where_gather", trials=2, **kwargs)
     finally:
         _cache.kernel_hash.cache_clear()  # (the old variant is back at teardown)
-    assert count == 2 and best["config"][key] == old.default[key]
+    assert count == 2 and ranked and all(timed["config"][key] == old.default[key] for timed in ranked)
     assert len(optuna.get_all_study_summaries(storage)) == 2
 
 
@@ -412,3 +412,35 @@ def test_cli_tune_refuses_a_variant_this_device_cannot_run(config_dir, capsys, w
         pytest.skip("this GPU runs phase_split")
     assert cli.main(["tune", "--preset", "tiny", "--variants", "phase_split", "--trials", "1"]) == 2
     assert "needs an NVIDIA GPU of compute capability 8.0" in capsys.readouterr().out
+
+
+def test_the_final_round_picks_on_retimed_medians(monkeypatch):
+    """The search read word_unpack's best at 4 µs, a lucky reading (it runs in 4.5), and where_gather's
+    at 5 (it runs in 3): the final round re-times the fastest few, interleaved, and where_gather wins
+    on its median; a config that fails when re-timed is never picked; 0 rounds keeps the search's."""
+    from nf4_explorer.tuner import tune as tune_module
+
+    true_us = {("where_gather", 1): 3.0, ("where_gather", 2): 6.0, ("word_unpack", 1): 4.5, ("tiled_2d", 1): None}
+    calls = []
+
+    def measure(workload, name, config):
+        calls.append((name, config["id"]))
+        value = true_us[(name, config["id"])]
+        if value is None:
+            raise tune_module.CandidateFailed("out of resources")
+        return value + 0.1 * (len(calls) % 2)  # a little noise
+
+    monkeypatch.setattr(tune_module, "measure", measure)
+    ranked = {"where_gather": [{"config": {"id": 1}, "time_us": 5.0}, {"config": {"id": 2}, "time_us": 6.0}],
+              "word_unpack": [{"config": {"id": 1}, "time_us": 4.0}],
+              "tiled_2d": [{"config": {"id": 1}, "time_us": 1.0}]}
+    bests = tune_module.final_round(None, ranked, rounds=3)
+    assert len(calls) == 3 * 4  # every finalist (at most two a variant, four in all), each round
+    assert [name for name, _ in calls[:4]] == ["tiled_2d", "word_unpack", "where_gather", "where_gather"]
+    assert min(bests, key=lambda name: bests[name]["time_us"]) == "where_gather"
+    assert bests["where_gather"]["config"] == {"id": 1} and 3.0 <= bests["where_gather"]["time_us"] <= 3.1
+    assert 4.5 <= bests["word_unpack"]["time_us"] <= 4.6 and "tiled_2d" not in bests
+    calls.clear()
+    assert tune_module.final_round(None, ranked, rounds=0) == {name: configs[0] for name, configs in ranked.items()}
+    assert tune_module.final_round(None, {"word_unpack": ranked["word_unpack"]}) == {"word_unpack": ranked["word_unpack"][0]}
+    assert not calls  # nothing to choose between: nothing re-timed

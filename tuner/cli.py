@@ -98,6 +98,17 @@ def _narrowing(text: str) -> tuple[str, tuple]:
     return key.strip(), tuple(parse(v) for v in values.split(","))
 
 
+def _count(text):
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _positive(kind):
     def parse(text):
         try:
@@ -265,7 +276,8 @@ def cmd_tune(args) -> int:
     try:
         path, entries = tune(problems, names=names, driver=args.driver, trials=args.trials, timeout=args.timeout,
                              storage=args.storage, output_dir=args.output, seed=args.seed, device=device,
-                             narrow=dict(args.space))
+                             narrow=dict(args.space),
+                             **({} if args.final_rounds is None else {"final_rounds": args.final_rounds}))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
@@ -488,6 +500,9 @@ def main(argv=None) -> int:
     tune.add_argument("--output", help="directory for the tuned file (default: the user config dir; "
                       "tuned_configs/ to ship it)")
     tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    tune.add_argument("--final-rounds", type=_count, metavar="N",
+                      help="time the 4 fastest configs of each problem's search N more times, interleaved, and pick "
+                      "the winner on their medians (default 3; 0: on the search's own times)")
     tune.add_argument("--json", action="store_true", help="print the new entries as JSON instead of a table")
     tune.set_defaults(func=cmd_tune)
 

@@ -2,7 +2,9 @@
 
 Both search the spaces the variants declare. A candidate's output is checked against the reference
 once before it is timed; configs that fail to compile, run out of resources or give a wrong output
-are pruned (Optuna) or dropped (exhaustive), never picked.
+are pruned (Optuna) or dropped (exhaustive), never picked. The few fastest configs of a problem's
+search are then timed again, in interleaved rounds (:func:`final_round`), and the winner is picked
+on those times: one disturbed timing in a search does not decide an entry.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -265,7 +268,8 @@ def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, s
                   start: list[dict] = (), narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
     """Seeded TPE over the variant's space, in a study shared through ``storage``. A new study first
     times ``start`` (at most half the budget: see :func:`start_configs`); a study that has trials
-    runs only those it still lacks (resume). Returns (best {"config", "time_us"} or None, trials in study)."""
+    runs only those it still lacks (resume). Returns (its configs {"config", "time_us"}, fastest first,
+    trials in study)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -307,43 +311,39 @@ def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, s
     while finished() < budget and (deadline is None or time.time() < deadline):
         study.optimize(objective, n_trials=1, catch=())
         on_trial(_best_value(study))
-    best = _best(study)
-    return best, finished()
+    ranked: dict[tuple, dict] = {}  # one per config (a resumed study may hold repeats)
+    for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                        key=lambda trial: trial.value):
+        ranked.setdefault(tuple(sorted(trial.params.items())), {"config": dict(trial.params), "time_us": trial.value})
+    return list(ranked.values()), finished()
 
 
 def _best_value(study) -> float | None:
-    best = _best(study)
-    return best["time_us"] if best else None
-
-
-def _best(study) -> dict | None:
     try:
-        trial = study.best_trial
+        return study.best_trial.value
     except ValueError:  # no complete trial
         return None
-    return {"config": dict(trial.params), "time_us": trial.value}
 
 
 def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[float | None], None],
                       narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
     """triton.autotune over the variant's whole (valid) space, or its ``narrow``-ed part; the
-    winner's output is checked against the reference. Returns (best, configs timed)."""
+    winner's output is checked against the reference. Returns (configs {"config", "time_us"}, fastest
+    first: every config for the linear family, the winner for dequantize; configs timed)."""
     import triton
 
     variant = narrowed(name, narrow)
     configs = variant.configs(workload.problem.blocksize)
     if isinstance(workload, LinearWorkload):
         # Every config timed in turn (a linear variant's launcher builds its own arguments).
-        best = None
+        timed = []
         for config in configs:
             try:
-                time_us = measure(workload, name, config)
+                timed.append({"config": config, "time_us": measure(workload, name, config)})
             except CandidateFailed:
-                time_us = None
-            if time_us is not None and (best is None or time_us < best["time_us"]):
-                best = {"config": config, "time_us": time_us}
-            on_trial(best["time_us"] if best else None)
-        return best, len(configs)
+                pass
+            on_trial(min((t["time_us"] for t in timed), default=None))
+        return sorted(timed, key=lambda t: t["time_us"]), len(configs)
     triton_configs = [
         triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS},
                       num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
@@ -375,17 +375,55 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
     try:
         time_us = measure(workload, name, config)
     except CandidateFailed:
-        return None, len(configs)
-    return {"config": config, "time_us": time_us}, len(configs)
+        return [], len(configs)
+    return [{"config": config, "time_us": time_us}], len(configs)
+
+
+# The final round: the FINALISTS fastest configs of a problem's search (at most PER_VARIANT of a
+# variant), each timed FINAL_ROUNDS more times, interleaved. Session 13's tune read the best
+# linear_mma_gemv config of 4096x14336 at M = 2 at 35.2 µs and kept another variant's 31.6 µs
+# entry; session 14 timed that space's best at 28.3 (docs/performance.md).
+# The CLI's --final-rounds help states these numbers.
+FINALISTS, PER_VARIANT, FINAL_ROUNDS = 4, 2, 3
+
+
+def final_round(workload, ranked: Mapping[str, list[dict]], rounds: int = FINAL_ROUNDS) -> dict[str, dict]:
+    """Re-times the search's fastest configs (``ranked``: variant -> its configs, fastest first) in
+    ``rounds`` interleaved rounds; returns variant -> its best config, with the median of its rounds
+    for those re-timed and the search's time for the others. A finalist that fails in any round is
+    not picked (a variant whose finalists all failed is left out). Nothing to choose between (one
+    candidate), or ``rounds`` 0: the search's bests as they are."""
+    bests = {name: dict(configs[0]) for name, configs in ranked.items() if configs}
+    finalists = sorted(((name, c) for name, configs in ranked.items() for c in configs[:PER_VARIANT]),
+                       key=lambda pair: pair[1]["time_us"])[:FINALISTS]
+    if len(finalists) < 2 or rounds < 1:
+        return bests
+    times: list[list[float]] = [[] for _ in finalists]
+    for _ in range(rounds):
+        for (name, candidate), samples in zip(finalists, times):
+            try:
+                samples.append(measure(workload, name, candidate["config"]))
+            except CandidateFailed:  # it ran in the search: a config that fails now is not picked
+                samples.append(float("inf"))
+    retimed: dict[str, dict] = {}
+    for (name, candidate), samples in zip(finalists, times):
+        time_us = max(samples) if float("inf") in samples else statistics.median(samples)
+        if name not in retimed or time_us < retimed[name]["time_us"]:
+            retimed[name] = {"config": candidate["config"], "time_us": time_us}
+    bests.update(retimed)
+    return {name: best for name, best in bests.items() if best["time_us"] < float("inf")}
 
 
 def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", trials: int = 16,
          timeout: float | None = None, storage: str | None = None, output_dir: Path | None = None,
-         seed: int = 0, device=None, console=None, narrow: Mapping[str, Sequence] | None = None) -> tuple[Path, list[dict]]:
+         seed: int = 0, device=None, console=None, narrow: Mapping[str, Sequence] | None = None,
+         final_rounds: int = FINAL_ROUNDS) -> tuple[Path, list[dict]]:
     """Tunes every variant in ``names`` on every problem and merges the winners into this GPU's
     tuned file in ``output_dir`` (default: $NF4_EXPLORER_CONFIG_DIR if set, else the user's config
     directory: where the dispatcher looks first). ``narrow``: parameter -> the values to search,
-    for every variant that has the parameter (see :func:`narrowed`). Returns (file, new entries)."""
+    for every variant that has the parameter (see :func:`narrowed`). The winner of a problem is
+    picked on :func:`final_round`'s times (``final_rounds`` 0: on the search's). Returns (file, new
+    entries)."""
     from tqdm import tqdm
 
     from . import cache_writer
@@ -421,7 +459,7 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
     try:
         for index, problem in enumerate(problems, 1):
             workload = make_workload(problem, device)
-            bests, spent = {}, 0
+            ranked, spent = {}, 0
             for name in names:
                 bar.set_description(f"[{index}/{len(problems)}] {problem.label()} {name}", refresh=False)
 
@@ -431,15 +469,16 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                         bar.set_postfix_str(f"best {best_us:.1f} µs", refresh=False)
 
                 if driver == "exhaustive":
-                    best, count = exhaustive_search(workload, name, on_trial=on_trial, narrow=narrow)
+                    timed, count = exhaustive_search(workload, name, on_trial=on_trial, narrow=narrow)
                 else:
-                    best, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
+                    timed, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
                                                 device_slug=device_slug, deadline=deadline, on_trial=on_trial,
                                                 start=start_configs(path, name, problem.blocksize, narrow),
                                                 narrow=narrow)
                 spent += count
-                if best is not None:
-                    bests[name] = best
+                ranked[name] = timed
+            bar.set_description(f"[{index}/{len(problems)}] {problem.label()} final round", refresh=True)
+            bests = final_round(workload, ranked, final_rounds)
             if bests:
                 winner_name = min(bests, key=lambda n: bests[n]["time_us"])
                 winner = {"variant": winner_name, **bests[winner_name]}
