@@ -152,7 +152,8 @@ def test_killed_tune_leaves_a_valid_file_and_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     command = [sys.executable, "-m", "nf4_explorer.tuner", "tune", "--preset", "tiny", "--shapes", "8x64,4x96,16x64",
                "--variants", "where_gather,word_unpack", "--trials", "4", "--storage", storage, "--output", str(out)]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # The interpreter on the CPU also where there is a GPU (the file is named after the device).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = out / "triton-interpreter-cpu.json"
     deadline = time.time() + 240
