@@ -149,13 +149,13 @@ def test_grid_limits(grid, fragment):
 
 
 @pytest.mark.parametrize("name, shape", [("per_row", (2**31, 1)), ("tiled_2d", (1, 2**31))])
-def test_forced_variant_on_a_weight_past_the_grid_limit(name, shape):
+def test_forced_variant_on_a_weight_past_the_grid_limit(name, shape, device):
     """2^31 elements (1 GiB of codes, never touched): the forced variant's grid would pass CUDA's
     limits; it is refused before any launch, the default variant's grid fits."""
     n = shape[0] * shape[1]
-    packed = torch.empty((n // 2, 1), dtype=torch.uint8)
-    state = nf4_explorer.QuantState(absmax=torch.empty(n // 4096), shape=torch.Size(shape), dtype=torch.bfloat16,
-                                    blocksize=4096)
+    packed = torch.empty((n // 2, 1), dtype=torch.uint8, device=device)
+    state = nf4_explorer.QuantState(absmax=torch.empty(n // 4096, device=device), shape=torch.Size(shape),
+                                    dtype=torch.bfloat16, blocksize=4096)
     args = prepare(packed, state, None, allocate=False)
     variant = nf4_explorer.get(name)
     with pytest.raises(ValueError, match="programs on grid axis"):

@@ -180,6 +180,12 @@ def test_import_order_does_not_matter(tmp_path):
     """peft and transformers imported before nf4_explorer, the patch taken after: a PEFT LoRA layer
     over Linear4bit is still routed (the op hook does not depend on who imported whom)."""
     pytest.importorskip("peft")
+    import numpy
+
+    if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4):
+        # (the lent GPU host has a newer numpy: this test failed there only, session 14 found why)
+        pytest.skip(f"runs its model in Triton 3.6's interpreter, which needs numpy < 2.4 (it converts "
+                    f"1-element arrays to ints in range()); numpy {numpy.__version__} here (scripts/setup.sh pins it)")
     script = tmp_path / "order.py"
     script.write_text(
         "import os, torch\n"
