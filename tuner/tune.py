@@ -265,7 +265,7 @@ def start_configs(path: Path, name: str, blocksize: int, narrow: Mapping[str, Se
 
 def optuna_search(workload: Workload, name: str, *, trials: int, storage: str, seed: int, device_slug: str,
                   deadline: float | None, on_trial: Callable[[float | None], None],
-                  start: list[dict] = (), narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
+                  start: list[dict] = (), narrow: Mapping[str, Sequence] | None = None) -> tuple[list[dict], int]:
     """Seeded TPE over the variant's space, in a study shared through ``storage``. A new study first
     times ``start`` (at most half the budget: see :func:`start_configs`); a study that has trials
     runs only those it still lacks (resume). Returns (its configs {"config", "time_us"}, fastest first,
@@ -326,7 +326,7 @@ def _best_value(study) -> float | None:
 
 
 def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[float | None], None],
-                      narrow: Mapping[str, Sequence] | None = None) -> tuple[dict | None, int]:
+                      narrow: Mapping[str, Sequence] | None = None) -> tuple[list[dict], int]:
     """triton.autotune over the variant's whole (valid) space, or its ``narrow``-ed part; the
     winner's output is checked against the reference. Returns (configs {"config", "time_us"}, fastest
     first: every config for the linear family, the winner for dequantize; configs timed)."""
@@ -472,9 +472,9 @@ def tune(problems: list[Problem], *, names: list[str], driver: str = "optuna", t
                     timed, count = exhaustive_search(workload, name, on_trial=on_trial, narrow=narrow)
                 else:
                     timed, count = optuna_search(workload, name, trials=trials, storage=storage, seed=seed,
-                                                device_slug=device_slug, deadline=deadline, on_trial=on_trial,
-                                                start=start_configs(path, name, problem.blocksize, narrow),
-                                                narrow=narrow)
+                                                 device_slug=device_slug, deadline=deadline, on_trial=on_trial,
+                                                 start=start_configs(path, name, problem.blocksize, narrow),
+                                                 narrow=narrow)
                 spent += count
                 ranked[name] = timed
             bar.set_description(f"[{index}/{len(problems)}] {problem.label()} final round", refresh=True)
