@@ -154,7 +154,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 @dataclasses.dataclass
 class LinearRow:
-    """One linear problem's times (µs, do_bench medians in one process) for every provider."""
+    """One linear problem's times (µs, do_bench medians of CUDA-graph replays in one process) for
+    every provider; ``uncaptured``: providers that could not be captured, timed as plain calls."""
 
     problem: str
     m: int
@@ -162,6 +163,7 @@ class LinearRow:
     read_us: float  # a kernel that only reads the problem's bytes (timing.read_floor_us)
     times: dict[str, float]
     choice: str
+    uncaptured: list[str] = dataclasses.field(default_factory=list)
 
 
 def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
@@ -169,7 +171,9 @@ def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
     (packed weight + absmax + x + output bytes at the card's copy rate), the read floor (a kernel
     that reads as many bytes and does nothing else), bitsandbytes' ``matmul_4bit``
     and its dequantize + ``F.linear``, our dequantize + cuBLAS, and the dense bf16/fp16 weight under
-    cuBLAS. Every provider's output is checked first (the fused tolerance; exact for dequantize + cuBLAS)."""
+    cuBLAS. Every provider's output is checked first (the fused tolerance; exact for dequantize + cuBLAS).
+    Each provider's call is captured in a CUDA graph and its replays timed (:func:`timing.graph_median_us`):
+    kernel time, as decoding under CUDA graphs runs it (host time per call: ``bench --loop``, ``bench --e2e``)."""
     device = torch.device(device)
     copy_gbps = timing.copy_bandwidth_gbps(device)
     try:
@@ -196,10 +200,15 @@ def linear_bench(problems, *, device="cuda") -> tuple[float, list[LinearRow]]:
             providers["bitsandbytes matmul_4bit"] = lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
             providers["bitsandbytes dequantize + F.linear"] = (
                 lambda: torch.nn.functional.linear(x, bnb.dequantize_4bit(packed, state).to(x.dtype)))
-        times = {name: timing.median_us(fn, device=device) for name, fn in providers.items()}
+        times, uncaptured = {}, []
+        for name, fn in providers.items():
+            times[name] = timing.graph_median_us(fn, device=device)
+            if times[name] is None:
+                uncaptured.append(name)
+                times[name] = timing.median_us(fn, device=device)
         floor = problem.bytes_moved() / (copy_gbps * 1e9) * 1e6
         read_us = timing.read_floor_us(problem.bytes_moved(), device)
         choice = tuning.explain_linear(x, packed, state)
         rows.append(LinearRow(problem.weight_problem().label(), problem.m, floor, read_us, times,
-                              f"{choice.variant} [{choice.reason}]"))
+                              f"{choice.variant} [{choice.reason}]", uncaptured))
     return copy_gbps, rows

@@ -434,8 +434,8 @@ def _bench_linear(args, device) -> int:
         print(json.dumps({"copy_gbps": copy_gbps, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
         return 0
     providers = list(rows[0].times)
-    table = Table(title=f"linear, µs | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s | "
-                        f"torch {torch.__version__}, triton {triton.__version__}")
+    table = Table(title=f"linear, µs (CUDA-graph replays) | {torch.cuda.get_device_name()} | copy {copy_gbps:.0f} GB/s "
+                        f"| torch {torch.__version__}, triton {triton.__version__}")
     for column in ("problem", "M", "floor", "read floor", *providers, "x floor", "vs bnb", "runs"):
         table.add_column(column)
     for row in rows:
@@ -445,6 +445,10 @@ def _bench_linear(args, device) -> int:
                       *(f"{row.times[p]:.1f}" for p in providers),
                       f"{ours / row.floor_us:.1f}", f"{bnb / ours:.2f}x" if bnb else "-", row.choice)
     console.print(table)
+    for row in rows:
+        if row.uncaptured:
+            console.print(f"{row.problem} M = {row.m}: {', '.join(row.uncaptured)} could not be captured in a CUDA "
+                          "graph, timed as plain calls (host time included)")
     return 0
 
 

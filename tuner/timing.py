@@ -24,6 +24,24 @@ def median_us(fn, *, device=None, warmup_ms: int = 25, rep_ms: int = 100) -> flo
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1000.0
 
 
+def graph_median_us(fn, *, device=None, warmup_ms: int = 25, rep_ms: int = 100) -> float | None:
+    """:func:`median_us` of ``fn`` captured once in a CUDA graph and replayed: the time of its
+    kernels alone. Timed as a plain call, a call whose host path outlasts the L2 flush that do_bench
+    runs before it reads its host time too (bitsandbytes' small-shape calls: 52-227 µs for kernels
+    of ~15-40, docs/performance.md, session 14). None if ``fn`` cannot be captured (it
+    synchronizes, or allocates in a way capture refuses)."""
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:  # torch's capture errors ("operation not permitted when stream is capturing", ...)
+        torch.cuda.synchronize(device)
+        return None
+    return median_us(graph.replay, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
 def copy_bandwidth_gbps(device, n_bytes: int = 1 << 30) -> float:
     """The card's device-to-device copy bandwidth, GB/s counting bytes read plus bytes written."""
     src = torch.empty(n_bytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
