@@ -442,5 +442,6 @@ def test_the_final_round_picks_on_retimed_medians(monkeypatch):
     assert 4.5 <= bests["word_unpack"]["time_us"] <= 4.6 and "tiled_2d" not in bests
     calls.clear()
     assert tune_module.final_round(None, ranked, rounds=0) == {name: configs[0] for name, configs in ranked.items()}
-    assert tune_module.final_round(None, {"word_unpack": ranked["word_unpack"]}) == {"word_unpack": ranked["word_unpack"][0]}
+    alone = {"word_unpack": ranked["word_unpack"]}
+    assert tune_module.final_round(None, alone) == {"word_unpack": ranked["word_unpack"][0]}
     assert not calls  # nothing to choose between: nothing re-timed

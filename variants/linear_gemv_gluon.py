@@ -18,10 +18,12 @@ places everything a thread touches:
 - the bfloat16 lookup pairs two codes per prmt and widens them by a shift and a mask.
 
 Measured (H200, docs/performance.md session 8): 25.6 µs at M = 1 on 14336x4096 and 4096x14336,
-against 34 µs for bitsandbytes' kernel and a 7.3 µs floor. Memory latency bounds it: too few bytes
-in flight per SM (Nsight Compute, session 9: 1.0 TB/s, ~4 warps a scheduler, stalls on global
-loads), not the lookup's int32 work. It does not scale with M (the float32 multiply-adds do), so
-from M = 4 the tensor-core variants win.
+against 34 µs for bitsandbytes' kernel, a 7.3 µs floor and 14.3 µs for a kernel that only reads the
+bytes. Nsight Compute (session 9) saw 1.0 TB/s and stalls on global loads, yet more bytes in flight
+(a deeper ring, session 12; a persistent grid, session 14) did not make it faster: its 6.8
+instructions a code (sm_90 SASS; ``PRMT`` 2.3) take ~12 µs to issue at 14336x4096, ~16 with the
+~4 µs any kernel takes under do_bench: above the read floor (docs/performance.md, session 14). It does not scale with M (the float32
+multiply-adds do), so from M = 2-4 the tensor-core variants win.
 
 Codes are looked up on x's 16-bit grid (``_decode``'s register LUT asm) and multiplied in float32
 (the fused family's tolerance, not dequantize's bits). Needs rows of whole quantization blocks
