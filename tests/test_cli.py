@@ -176,3 +176,11 @@ def test_show_on_a_gpu_without_a_file_names_the_nearest_card(capsys, monkeypatch
     assert cli.main(["show"]) == 0
     output = " ".join(capsys.readouterr().out.split())
     assert "NVIDIA H100 NVL has no tuned file of its own: the dispatcher uses the nearest card's, NVIDIA H100 80GB HBM3" in output
+
+
+@pytest.mark.parametrize("value, message", [("-1", "must be 0 or more"), ("x", "is not a number")])
+def test_final_rounds_takes_zero_or_more(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tune", "--final-rounds", value])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err

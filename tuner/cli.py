@@ -98,25 +98,15 @@ def _narrowing(text: str) -> tuple[str, tuple]:
     return key.strip(), tuple(parse(v) for v in values.split(","))
 
 
-def _count(text):
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def _positive(kind):
+def _positive(kind, *, zero: bool = False):
+    """argparse type: a number of ``kind`` above 0 (0 too, with ``zero``)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'0 or more' if zero else 'positive'}")
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
@@ -504,7 +494,7 @@ def main(argv=None) -> int:
     tune.add_argument("--output", help="directory for the tuned file (default: the user config dir; "
                       "tuned_configs/ to ship it)")
     tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    tune.add_argument("--final-rounds", type=_count, metavar="N",
+    tune.add_argument("--final-rounds", type=_positive(int, zero=True), metavar="N",
                       help="time the 4 fastest configs of each problem's search N more times, interleaved, and pick "
                       "the winner on their medians (default 3; 0: on the search's own times)")
     tune.add_argument("--json", action="store_true", help="print the new entries as JSON instead of a table")

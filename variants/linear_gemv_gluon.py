@@ -22,8 +22,8 @@ against 34 µs for bitsandbytes' kernel, a 7.3 µs floor and 14.3 µs for a kern
 bytes. Nsight Compute (session 9) saw 1.0 TB/s and stalls on global loads, yet more bytes in flight
 (a deeper ring, session 12; a persistent grid, session 14) did not make it faster: its 6.8
 instructions a code (sm_90 SASS; ``PRMT`` 2.3) take ~12 µs to issue at 14336x4096, ~16 with the
-~4 µs any kernel takes under do_bench: above the read floor (docs/performance.md, session 14). It does not scale with M (the float32
-multiply-adds do), so from M = 2-4 the tensor-core variants win.
+~4 µs any kernel takes under do_bench: above the read floor (docs/performance.md, session 14). It
+does not scale with M (the float32 multiply-adds do), so from M = 2-4 the tensor-core variants win.
 
 Codes are looked up on x's 16-bit grid (``_decode``'s register LUT asm) and multiplied in float32
 (the fused family's tolerance, not dequantize's bits). Needs rows of whole quantization blocks
