@@ -124,11 +124,14 @@ def _grid(args, config):
     return (triton.cdiv(args.m, config["BLOCK_M"]) * triton.cdiv(args.n, config["BLOCK_N"]), config["SPLIT_K"])
 
 
-def _run(args, config):
+def split_k_run(kernel, grid, name, args, config):
+    """Launches a split-K GEMM (``linear_lut_gemm``, ``linear_wgmma``): ``kernel`` itself when
+    SPLIT_K == 1, else ``kernel`` writing its float32 partial sums to a workspace [SPLIT_K, M, N]
+    (``out_ptr``) and ``sum_splits_kernel`` adding them in order, with the bias, into the output."""
     arguments = args.kernel_arguments()
     split = config["SPLIT_K"]
     if split == 1:  # one launch, under the variant's name (the dispatcher's lean path replays it)
-        launch(linear_lut_gemm_kernel, lambda c: _grid(args, c), arguments, config, args.device, "linear_lut_gemm")
+        launch(kernel, lambda c: grid(args, c), arguments, config, args.device, name)
         return
     # A workspace per call: the caching allocator makes it cheap, and it is safe on any stream and
     # inside a CUDA-graph capture. The bias waits for the sum.
@@ -136,11 +139,15 @@ def _run(args, config):
     table = device_pair_table(args.weight.quant_type, args.device)
     partial = KernelArguments(runtime_arguments(args.x2d, args.weight, table, None, part, args.m, args.n, args.k),
                               {**arguments.constexprs, "HAS_BIAS": False})
-    launch(linear_lut_gemm_kernel, lambda c: _grid(args, c), partial, config, args.device, "linear_lut_gemm:split")
+    launch(kernel, lambda c: grid(args, c), partial, config, args.device, f"{name}:split")
     total = KernelArguments([part, args.bias if args.bias is not None else part, args.out, args.m, args.n],
                             {"SPLIT_K": split, "HAS_BIAS": args.bias is not None})
     launch(sum_splits_kernel, lambda c: (triton.cdiv(args.m * args.n, c["BLOCK"]),), total, _SUM_CONFIG, args.device,
-           "linear_lut_gemm:sum")
+           f"{name}:sum")
+
+
+def _run(args, config):
+    split_k_run(linear_lut_gemm_kernel, _grid, "linear_lut_gemm", args, config)
 
 
 def _accepts(args):
