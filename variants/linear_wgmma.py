@@ -221,6 +221,9 @@ def _run(args, config):
 
 
 def _accepts(args):
+    if args.x2d.data_ptr() % 16:  # cp.async copies 16-byte pieces; Triton cannot build the kernel otherwise
+        return ("linear_wgmma copies x in 16-byte pieces and x's data does not start on a 16-byte boundary: "
+                "pass a contiguous x of its own (x.clone()) or another variant")
     return lut_refusal(args, "linear_wgmma", "multiplies 16-bit weights")
 
 
