@@ -26,6 +26,7 @@ import triton.language as tl
 from ._decode import _LUT_HALF, _LUT_NEXT_HALF, _LUT_OFFSET, _LUT_SELECT, _LUT_STRIDE
 from ._linear import lut_refusal
 from .linear_lut_gemm import split_k_run
+from .linear_mma_gemv import _absmax
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 
 try:  # Gluon as this file uses it ships with Triton 3.6
@@ -53,19 +54,6 @@ def _decode_asm(dtype: str) -> str:
 
 
 _DECODE_BF16, _DECODE_F16 = tl.constexpr(_decode_asm("bf16")), tl.constexpr(_decode_asm("f16"))
-
-
-@gluon.jit
-def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, block, mask, NESTED_BLOCKSIZE: gl.constexpr,
-            DOUBLE_QUANT: gl.constexpr):
-    """float32 absmax of quantization blocks ``block`` (decoding double quant)."""
-    if DOUBLE_QUANT:
-        q = gl.load(absmax_ptr + block, mask=mask, other=0).to(gl.int32)
-        absmax = gl.load(code2_ptr + q) * gl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        absmax = absmax + offset
-    else:
-        absmax = gl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return absmax
 
 
 @gluon.jit
