@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import nf4_explorer
-from nf4_explorer.tuning import LAUNCH_PARAMS, launch_options, problem_constexprs
+from nf4_explorer.tuning import LAUNCH_PARAMS, launch_options, launch_parameters, problem_constexprs
 
 # (backend, arch, warp size) of every target the project compiles for.
 TARGETS = {
@@ -71,7 +71,7 @@ def compile_config(
     else:
         source_type = ASTSource
     source = source_type(kernel, sig, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1), **launch_options()}
+    options = {**launch_parameters(config), **launch_options()}
     return triton.compile(source, target=target, options=options)
 
 

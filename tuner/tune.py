@@ -22,7 +22,7 @@ import torch
 
 import nf4_explorer
 from nf4_explorer import tuning
-from nf4_explorer.tuning import LAUNCH_PARAMS, prepare
+from nf4_explorer.tuning import LAUNCH_PARAMS, launch_parameters, prepare
 
 from . import timing
 from .problems import LinearProblem, Problem
@@ -345,8 +345,7 @@ def exhaustive_search(workload: Workload, name: str, *, on_trial: Callable[[floa
             on_trial(min((t["time_us"] for t in timed), default=None))
         return sorted(timed, key=lambda t: t["time_us"]), len(configs)
     triton_configs = [
-        triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS},
-                      num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
+        triton.Config({k: v for k, v in c.items() if k not in LAUNCH_PARAMS}, **launch_parameters(c))
         for c in configs
     ]
     device = workload.out.device

@@ -26,8 +26,16 @@ try:
 except ImportError:  # Triton before 3.4 has no knobs: every launch takes Triton's own path
     knobs = None
 
-# Launch parameters that are not kernel arguments.
-LAUNCH_PARAMS = ("num_warps", "num_stages")
+# Launch parameters that are not kernel arguments (maxnreg: a warp-specialized variant's register cap).
+LAUNCH_PARAMS = ("num_warps", "num_stages", "maxnreg")
+
+
+def launch_parameters(config: Mapping) -> dict:
+    """A config's launch parameters as Triton's launch and compile take them (maxnreg only where set)."""
+    parameters = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)}
+    if "maxnreg" in config:
+        parameters["maxnreg"] = config["maxnreg"]
+    return parameters
 
 
 def launch_options() -> dict:
@@ -78,7 +86,7 @@ class _Ready:
 
 def launch(kernel, grid: Callable[[Mapping], tuple], arguments: KernelArguments, config: Mapping,
            device: torch.device, name: str) -> None:
-    """Launches ``kernel`` on ``arguments`` with ``config`` (constexprs and num_warps/num_stages).
+    """Launches ``kernel`` on ``arguments`` with ``config`` (constexprs and ``LAUNCH_PARAMS``).
 
     ``grid(config)`` gives the program counts. Tensors on another GPU than the current one are
     launched on their own GPU. No validation of the config here (see ``Variant.check_config``).
@@ -101,10 +109,7 @@ def launch(kernel, grid: Callable[[Mapping], tuple], arguments: KernelArguments,
     constexprs.update({k: v for k, v in config.items() if k not in LAUNCH_PARAMS})
     program_grid = grid(config)
     check_grid(program_grid, name)
-    compiled = kernel[program_grid](
-        *runtime, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 1),
-        **constexprs, **launch_options(),
-    )
+    compiled = kernel[program_grid](*runtime, **launch_parameters(config), **constexprs, **launch_options())
     if key is not None and _FAST_LAUNCH_OK[0]:
         _remember(key, compiled, program_grid, len(runtime), constexprs, kernel.arg_names, device_index)
 

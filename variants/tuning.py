@@ -12,14 +12,14 @@ from ._cache import (
 )
 from ._dispatch import dequantize_eager, explain, explain_linear, linear_eager, reset
 from ._format import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, DequantArgs, interpreter_enabled, prepare, problem_constexprs
-from ._launch import LAUNCH_PARAMS, KernelArguments, launch_options
+from ._launch import LAUNCH_PARAMS, KernelArguments, launch_options, launch_parameters
 from ._linear import M_BUCKETS, LinearArgs, m_bucket, prepare_linear, reference_linear, tolerance
 
 __all__ = [
     "BLOCKSIZES", "DTYPE_NAMES", "DequantArgs", "KernelArguments", "LAUNCH_PARAMS", "LinearArgs", "M_BUCKETS",
     "OUT_DTYPES", "QUANT_TYPES", "SCHEMA_VERSION", "dequantize_eager", "device_name", "device_properties",
     "entry_family", "entry_key", "entry_malformed", "entry_problem", "explain", "explain_linear", "find_file",
-    "interpreter_enabled", "kernel_hash", "launch_options", "linear_eager", "load_entries", "m_bucket", "nearest_file",
+    "interpreter_enabled", "kernel_hash", "launch_options", "launch_parameters", "linear_eager", "load_entries", "m_bucket", "nearest_file",
     "prepare", "prepare_linear", "problem_constexprs", "reference_linear", "reset", "search_dirs", "size_bucket",
     "slug", "tolerance", "triton_minor", "user_config_dir", "validate_document",
 ]
