@@ -126,3 +126,23 @@ def test_phase_split_configs_fit_shared_memory():
     H100's shared memory (float32 absmax takes more room: the kernel then stages fewer chunks)."""
     over = json.loads(_run(["-c", FIT_CHECK]).strip().splitlines()[-1])
     assert not over, over
+
+
+@pytest.mark.slow
+def test_a_config_register_cap_reaches_ptxas():
+    """``maxnreg`` in a config (a warp-specialized variant's) is a compile option, not a constexpr."""
+    code = """
+import nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, compile_config
+if "linear_wgmma_ws" not in nf4_explorer.names(family="linear"):
+    print("unavailable")
+else:
+    # 8 warps in all: Triton's own cap would be 65536 / 256 = 256 registers
+    config = {**nf4_explorer.get("linear_wgmma_ws").default, "BLOCK_N": 64, "BLOCK_M": 128, "num_warps": 4,
+              "PRODUCER_WARPS": 4, "PRODUCER_REGS": 96, "maxnreg": 128}
+    print(".maxnreg 128" in compile_config("linear_wgmma_ws", config, TARGETS["sm_90"]).asm["ptx"])
+"""
+    result = _run(["-c", code]).strip().splitlines()[-1]
+    if result == "unavailable":
+        pytest.skip("linear_wgmma_ws needs Triton 3.6 with Gluon")
+    assert result == "True"

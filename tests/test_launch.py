@@ -47,6 +47,7 @@ def test_key_separates_configs_sizes_and_dtypes(args, device):
     pointers = (4096,) * 6
     base = _key(args, pointers)
     assert _key(args, pointers, {**CONFIG, "WORDS": 256}) != base
+    assert _key(args, pointers, {**CONFIG, "maxnreg": 168}) != base, "a register cap compiles another kernel"
     weight = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
     wider = prepare(*nf4_explorer.quantize(weight, blocksize=64, double_quant=True), None)
     assert _key(wider, pointers) != base
@@ -72,3 +73,10 @@ def test_launch_hooks_turn_the_cached_launch_off():
     finally:
         chain.remove(hook)
     assert not _launch._no_hook(hook), "a plain callable (older Triton) is a hook"
+
+
+def test_launch_parameters_pass_maxnreg_only_where_a_config_sets_it():
+    assert _launch.launch_parameters({"BLOCK": 64}) == {"num_warps": 4, "num_stages": 1}
+    assert _launch.launch_parameters({"BLOCK": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 168}) == {
+        "num_warps": 8, "num_stages": 2, "maxnreg": 168}
+    assert "maxnreg" in _launch.LAUNCH_PARAMS, "maxnreg must not reach the kernel as a constexpr"
