@@ -242,6 +242,25 @@ def test_an_edited_helper_makes_the_entry_stale(config_dir, monkeypatch):
         _cache.kernel_hash.cache_clear()
 
 
+def test_a_kernel_hash_covers_the_variant_modules_it_imports(monkeypatch):
+    """A variant built from a sibling variant's helpers (``from .linear_lut_gemm import split_k_run``)
+    hashes that module too, and what it imports in turn; shared ``_`` modules are hashed by name."""
+    import inspect
+    import sys
+    import types
+
+    sources = {"pkg.a": "from ._decode import q\nfrom .b import helper\n", "pkg.b": "from .c import deeper\nfrom .a import back\n",
+               "pkg.c": "x = 1\n"}
+    modules = {name: types.ModuleType(name) for name in sources}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    original = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda obj: sources[obj.__name__] if getattr(obj, "__name__", None) in sources else original(obj))
+    assert [m.__name__ for m in _cache._variant_imports(modules["pkg.a"])] == ["pkg.b", "pkg.c"]
+    assert _cache._variant_imports(modules["pkg.c"]) == []
+
+
 def test_an_edit_of_comments_or_docstrings_leaves_the_entries_valid(monkeypatch):
     """The kernel hash covers code only: prose edits keep a tuned file's entries (and its studies)."""
     import inspect

@@ -105,7 +105,8 @@ def find_file(name: str) -> Path | None:
 @functools.lru_cache(maxsize=None)
 def kernel_hash(variant_name: str) -> str:
     """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
-    module (kernel, helpers, grid, space), the shared device code (``_decode``), the compile options,
+    module (kernel, helpers, grid, space), the variant modules it imports helpers from, the shared
+    device code (``_decode``), the compile options,
     the family's argument builder (what the kernel is called with) and the space, their code only
     (:func:`code_only`). An edit of that code marks its tuned entries stale; an edit of comments or
     docstrings, validation, dispatch or file handling does not."""
@@ -121,9 +122,28 @@ def kernel_hash(variant_name: str) -> str:
                     _format.problem_constexprs)
     else:
         builders = (_format.DequantArgs.kernel_arguments, _format.device_table, _format.problem_constexprs)
-    sources = (module, _decode, _launch.launch_options, *builders)
+    sources = (module, *_variant_imports(module), _decode, _launch.launch_options, *builders)
     parts = [*(code_only(inspect.getsource(source)) for source in sources), repr(sorted(variant.space.items()))]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+
+
+_SIBLING_IMPORT = re.compile(r"^from \.([a-z]\w*) import", re.MULTILINE)
+
+
+def _variant_imports(module) -> list:
+    """The other variant modules whose code ``module`` runs (``from .linear_lut_gemm import
+    split_k_run``), and theirs in turn, by name: a kernel built from a sibling's helpers goes stale
+    with them."""
+    import sys
+
+    package = module.__name__.rpartition(".")[0]
+    found, todo = {}, [module]
+    while todo:
+        for name in _SIBLING_IMPORT.findall(inspect.getsource(todo.pop())):
+            if name not in found and name != module.__name__.rpartition(".")[2]:
+                found[name] = sys.modules[f"{package}.{name}"]
+                todo.append(found[name])
+    return [found[name] for name in sorted(found)]
 
 
 _STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
