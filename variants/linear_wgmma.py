@@ -93,6 +93,55 @@ def _decode_into(w_buffer, words, absmax, planes, DECODE: gl.constexpr, BLOCK_N:
 
 
 @gluon.jit
+def _tiles(n0, m0, M, N, K, BLOCKSIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+           BLOCK_K: gl.constexpr, CH: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr):
+    """A program's index tensors: for its words [BLOCK_N, GROUPS, CH] (in layout LW) where they are,
+    which rows exist, each thread group's first code and each row's first quantization block; for
+    x's tile [BLOCK_M, BLOCK_K] (LX) where it is, which rows exist and each piece's column."""
+    GROUPS: gl.constexpr = BLOCK_K // (8 * CH)
+    words_per_row = gl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))[:, None, None]
+    group = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))[None, :, None]
+    c = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))[None, None, :]
+    w_mask = rows < N
+    w_at = rows.to(gl.int64) * words_per_row + group * CH + c
+    g_code = group * (8 * CH)
+    blocks_at = rows.to(gl.int64) * (K // BLOCKSIZE)
+
+    x_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LX))[:, None]
+    x_col = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LX))[None, :]
+    x_at = x_rows.to(gl.int64) * K + x_col
+    x_mask = x_rows < M
+    return w_at, w_mask, g_code, blocks_at, x_at, x_mask, x_col
+
+
+@gluon.jit
+def _planes(table_ptr, K, KIND: gl.constexpr, LW: gl.constexpr):
+    """The LUT's eight byte planes for x's dtype, loaded at a lane-dependent offset (always 0) so
+    they stay in registers."""
+    lane = gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [gl.full([1, 1, 1], 0, gl.int32, LW)],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+    at = table_ptr.to(gl.pointer_type(gl.int32)) + _LUT_OFFSET + KIND * _LUT_STRIDE + (lane & (K >> 31))
+    return (gl.load(at), gl.load(at + 1), gl.load(at + 2), gl.load(at + 3),
+            gl.load(at + 4), gl.load(at + 5), gl.load(at + 6), gl.load(at + 7))
+
+
+@gluon.jit
+def _store_tile(acc, bias_ptr, out_ptr, M, N, n0, m0, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ACC: gl.constexpr):
+    """Writes ``acc`` [BLOCK_N, BLOCK_M], out.T's tile, with the bias (or into split-K's float32
+    workspace [SPLIT_K, M, N])."""
+    out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))[:, None]
+    out_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))[None, :]
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + out_n, mask=out_n < N, other=0.0).to(gl.float32)
+    if SPLIT_K > 1:
+        out_ptr += gl.program_id(2).to(gl.int64) * M * N
+    gl.store(out_ptr + out_m.to(gl.int64) * N + out_n, acc.to(out_ptr.dtype.element_ty),
+             mask=(out_n < N) & (out_m < M))
+
+
+@gluon.jit
 def linear_wgmma_kernel(
     x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
     M, N, K,
@@ -121,27 +170,9 @@ def linear_wgmma_kernel(
 
     n0 = gl.program_id(1) * BLOCK_N
     m0 = gl.program_id(0) * BLOCK_M  # fastest: the programs sharing a weight tile run together
-    words_per_row = gl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
-
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))[:, None, None]
-    group = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))[None, :, None]
-    c = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))[None, None, :]
-    w_mask = rows < N
-    w_at = rows.to(gl.int64) * words_per_row + group * CH + c
-    g_code = group * (8 * CH)
-    blocks_at = rows.to(gl.int64) * (K // BLOCKSIZE)
-
-    x_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LX))[:, None]
-    x_col = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LX))[None, :]
-    x_at = x_rows.to(gl.int64) * K + x_col
-    x_mask = x_rows < M
-
-    # The byte planes, loaded at a lane-dependent offset (always 0) so they stay in registers.
-    lane = gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [gl.full([1, 1, 1], 0, gl.int32, LW)],
-                                     dtype=gl.int32, is_pure=True, pack=1)
-    at = table_ptr.to(gl.pointer_type(gl.int32)) + _LUT_OFFSET + KIND * _LUT_STRIDE + (lane & (K >> 31))
-    planes = (gl.load(at), gl.load(at + 1), gl.load(at + 2), gl.load(at + 3),
-              gl.load(at + 4), gl.load(at + 5), gl.load(at + 6), gl.load(at + 7))
+    w_at, w_mask, g_code, blocks_at, x_at, x_mask, x_col = _tiles(n0, m0, M, N, K, BLOCKSIZE, BLOCK_N, BLOCK_M,
+                                                                  BLOCK_K, CH, LW, LX)
+    planes = _planes(table_ptr, K, KIND, LW)
     offset = 0.0
     if DOUBLE_QUANT:
         offset = gl.load(offset_ptr)
@@ -189,15 +220,7 @@ def linear_wgmma_kernel(
         gl.thread_barrier()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    # acc [BLOCK_N, BLOCK_M] is out.T's tile.
-    out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))[:, None]
-    out_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))[None, :]
-    if HAS_BIAS:
-        acc += gl.load(bias_ptr + out_n, mask=out_n < N, other=0.0).to(gl.float32)
-    if SPLIT_K > 1:  # out is the float32 workspace [SPLIT_K, M, N]
-        out_ptr += gl.program_id(2).to(gl.int64) * M * N
-    gl.store(out_ptr + out_m.to(gl.int64) * N + out_n, acc.to(out_ptr.dtype.element_ty),
-             mask=(out_n < N) & (out_m < M))
+    _store_tile(acc, bias_ptr, out_ptr, M, N, n0, m0, HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, ACC)
 
 
 def _grid(args, config):
@@ -208,11 +231,16 @@ def _run(args, config):
     split_k_run(linear_wgmma_kernel, _grid, "linear_wgmma", args, config)
 
 
-def _accepts(args):
+def cp_async_refusal(args, name: str) -> str | None:
+    """Why ``name`` (this variant or its warp-specialized form) cannot take a problem, or None."""
     if args.x2d.data_ptr() % 16:  # cp.async copies 16-byte pieces; Triton cannot build the kernel otherwise
-        return ("linear_wgmma copies x in 16-byte pieces and x's data does not start on a 16-byte boundary: "
+        return (f"{name} copies x in 16-byte pieces and x's data does not start on a 16-byte boundary: "
                 "pass a contiguous x of its own (x.clone()) or another variant")
-    return lut_refusal(args, "linear_wgmma", "multiplies 16-bit weights")
+    return lut_refusal(args, name, "multiplies 16-bit weights")
+
+
+def _accepts(args):
+    return cp_async_refusal(args, "linear_wgmma")
 
 
 def _allowed(config, blocksize):

@@ -32,11 +32,10 @@ Needs rows of whole quantization blocks (K % blocksize == 0), a 16-bit x whose d
 
 import triton
 
-from ._decode import _LUT_OFFSET, _LUT_STRIDE
-from ._linear import lut_refusal
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 from .linear_lut_gemm import split_k_run
-from .linear_wgmma import _DECODE_BF16, _DECODE_F16, _decode_into, _grid
+from .linear_wgmma import (_DECODE_BF16, _DECODE_F16, _decode_into, _grid, _planes, _store_tile, _tiles,
+                           cp_async_refusal)
 
 try:  # Gluon as this file uses it ships with Triton 3.6
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -95,25 +94,9 @@ def _produce(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
     PAIRS_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=w_bufs.type.layout.swizzle_byte_width,
                                                       element_bitwidth=32, rank=2)
 
-    words_per_row = gl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize, >= 32
-    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))[:, None, None]
-    group = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))[None, :, None]
-    c = gl.arange(0, CH, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))[None, None, :]
-    w_mask = rows < N
-    w_at = rows.to(gl.int64) * words_per_row + group * CH + c
-    g_code = group * (8 * CH)
-    blocks_at = rows.to(gl.int64) * (K // BLOCKSIZE)
-    x_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LX))[:, None]
-    x_col = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LX))[None, :]
-    x_at = x_rows.to(gl.int64) * K + x_col
-    x_mask = x_rows < M
-
-    # The byte planes, loaded at a lane-dependent offset (always 0) so they stay in registers.
-    lane = gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [gl.full([1, 1, 1], 0, gl.int32, LW)],
-                                     dtype=gl.int32, is_pure=True, pack=1)
-    at = table_ptr.to(gl.pointer_type(gl.int32)) + _LUT_OFFSET + KIND * _LUT_STRIDE + (lane & (K >> 31))
-    planes = (gl.load(at), gl.load(at + 1), gl.load(at + 2), gl.load(at + 3),
-              gl.load(at + 4), gl.load(at + 5), gl.load(at + 6), gl.load(at + 7))
+    w_at, w_mask, g_code, blocks_at, x_at, x_mask, x_col = _tiles(n0, m0, M, N, K, BLOCKSIZE, BLOCK_N, BLOCK_M,
+                                                                  BLOCK_K, CH, LW, LX)
+    planes = _planes(table_ptr, K, KIND, LW)
     offset = 0.0
     if DOUBLE_QUANT:
         offset = gl.load(offset_ptr)
@@ -172,15 +155,7 @@ def _consume(x_bufs, w_bufs, ready, empty, bias_ptr, out_ptr, M, N, n0, m0, step
         mbarrier.arrive(empty.index((i + BUFFERS - 1) % BUFFERS), pred=i > 0)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    # acc [BLOCK_N, BLOCK_M] is out.T's tile.
-    out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC))[:, None]
-    out_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC))[None, :]
-    if HAS_BIAS:
-        acc += gl.load(bias_ptr + out_n, mask=out_n < N, other=0.0).to(gl.float32)
-    if SPLIT_K > 1:  # out is the float32 workspace [SPLIT_K, M, N]
-        out_ptr += gl.program_id(2).to(gl.int64) * M * N
-    gl.store(out_ptr + out_m.to(gl.int64) * N + out_n, acc.to(out_ptr.dtype.element_ty),
-             mask=(out_n < N) & (out_m < M))
+    _store_tile(acc, bias_ptr, out_ptr, M, N, n0, m0, HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, ACC)
 
 
 @gluon.jit
@@ -234,10 +209,7 @@ def _run(args, config):
 
 
 def _accepts(args):
-    if args.x2d.data_ptr() % 16:  # cp.async copies 16-byte pieces; Triton cannot build the kernel otherwise
-        return ("linear_wgmma_ws copies x in 16-byte pieces and x's data does not start on a 16-byte boundary: "
-                "pass a contiguous x of its own (x.clone()) or another variant")
-    return lut_refusal(args, "linear_wgmma_ws", "multiplies 16-bit weights")
+    return cp_async_refusal(args, "linear_wgmma_ws")
 
 
 def _allowed(config, blocksize):
