@@ -37,10 +37,11 @@ except ImportError as exc:
     raise VariantUnavailable(f"linear_mma_gemv needs Triton 3.6 or newer with Gluon: {exc}") from exc
 
 
-def _word_pairs(word: str, scale: str, out: tuple) -> str:
+def _word_pairs(word: str, scale: str, out: tuple, first_plane: int = 12) -> str:
     """asm: the 8 codes of ``word`` as four 16-bit x2 words (elements 0-1, 2-3, 4-5, 6-7, the even
-    element in the low half), times ``scale`` (a 16-bit x2 word) rounded once. Planes $12-$19."""
-    planes = dict(zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), (f"${12 + i}" for i in range(8))))
+    element in the low half), times ``scale`` (a 16-bit x2 word) rounded once. Byte planes in
+    operands ``first_plane`` to ``first_plane`` + 7."""
+    planes = dict(zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), (f"${first_plane + i}" for i in range(8))))
     half = _LUT_HALF.format(**planes)  # lo, hi: bytes of elements 1, 0, 3, 2 of a half-word
     pairs = "prmt.b32 {0}, lo, hi, 0x4051;\nfma.rn.T {0}, {0}, {2}, nz;\nprmt.b32 {1}, lo, hi, 0x6273;\nfma.rn.T {1}, {1}, {2}, nz;\n"
     return (_LUT_SELECT.replace("$8", word) + half + pairs.format(out[0], out[1], scale) + _LUT_NEXT_HALF

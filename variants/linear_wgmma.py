@@ -23,10 +23,10 @@ x and an NVIDIA GPU of compute capability 9.0 (Hopper: ``wgmma``); no interprete
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_HALF, _LUT_NEXT_HALF, _LUT_OFFSET, _LUT_SELECT, _LUT_STRIDE
+from ._decode import _LUT_OFFSET, _LUT_STRIDE
 from ._linear import lut_refusal
 from .linear_lut_gemm import split_k_run
-from .linear_mma_gemv import _absmax
+from .linear_mma_gemv import _absmax, _word_pairs
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 
 try:  # Gluon as this file uses it ships with Triton 3.6
@@ -44,12 +44,8 @@ def _decode_asm(dtype: str) -> str:
     """asm: the 8 codes of a packed word ($4) as four 16-bit x2 words in k order ($0-$3: elements
     0-1, 2-3, 4-5, 6-7, the even element in the low half), times the word's float32 absmax ($5)
     rounded to the 16-bit type, each product rounded once. Byte planes $6-$13."""
-    planes = dict(zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), (f"${6 + i}" for i in range(8))))
-    half = _LUT_HALF.format(**planes)  # lo, hi: bytes of elements 1, 0, 3, 2 of a half-word
-    pairs = "prmt.b32 {0}, lo, hi, 0x4051;\nfma.rn.T {0}, {0}, sc, nz;\nprmt.b32 {1}, lo, hi, 0x6273;\nfma.rn.T {1}, {1}, sc, nz;\n"
     body = ("{\n.reg .b32 s, t, a, b, lo, hi, nz, sc;\nmov.b32 nz, 0x80008000;\ncvt.rn.T.f32 sc, $5, $5;\n"
-            + _LUT_SELECT.replace("$8", "$4") + half + pairs.format("$0", "$1") + _LUT_NEXT_HALF
-            + half + pairs.format("$2", "$3") + "}")
+            + _word_pairs("$4", "sc", ("$0", "$1", "$2", "$3"), first_plane=6) + "}")
     return body.replace(".T", f".{dtype}x2")
 
 
