@@ -48,6 +48,7 @@ try:  # Gluon as this file uses it ships with Triton 3.6
 except ImportError as exc:
     raise VariantUnavailable(f"linear_wgmma_ws needs Triton 3.6 or newer with Gluon: {exc}") from exc
 
+
 @gluon.jit
 def _absmax_loads(absmax_ptr, absmax2_ptr, blocks_at, w_mask, g_code, step, K, BLOCK_K: gl.constexpr,
                   BLOCKSIZE: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr):
