@@ -123,6 +123,18 @@ def _planes(table_ptr, K, KIND: gl.constexpr, LW: gl.constexpr):
 
 
 @gluon.jit
+def _steps(K, BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr):
+    """This program's K steps [first, last): all, or its run of them under split-K (the last run may
+    be short or empty)."""
+    first, last = 0, gl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:
+        run = gl.cdiv(last, SPLIT_K)
+        first = gl.program_id(2) * run
+        last = gl.minimum(first + run, last)
+    return first, last
+
+
+@gluon.jit
 def _store_tile(acc, bias_ptr, out_ptr, M, N, n0, m0, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ACC: gl.constexpr):
     """Writes ``acc`` [BLOCK_N, BLOCK_M], out.T's tile, with the bias (or into split-K's float32
@@ -178,12 +190,7 @@ def linear_wgmma_kernel(
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GROUPS, CH], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     x_ring = gl.allocate_shared_memory(X_DTYPE, [STAGES, BLOCK_M, BLOCK_K], X_SHARED)
     w_smem = gl.allocate_shared_memory(X_DTYPE, [2, BLOCK_N, BLOCK_K], W_SHARED)
-    # This program's steps: all, or its run of them under split-K (the last run may be short or empty).
-    first, last = 0, gl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:
-        run = gl.cdiv(last, SPLIT_K)
-        first = gl.program_id(2) * run
-        last = gl.minimum(first + run, last)
+    first, last = _steps(K, BLOCK_K, SPLIT_K)
     for s in gl.static_range(STAGES - 1):
         _copy_step(w_ring.index((first + s) % STAGES), x_ring.index((first + s) % STAGES), words_ptr, w_at, w_mask,
                    g_code, x_ptr, x_at, x_mask, x_col, first + s, K, BLOCK_K)

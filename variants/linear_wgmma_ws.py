@@ -34,8 +34,8 @@ import triton
 
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 from .linear_lut_gemm import split_k_run
-from .linear_wgmma import (_DECODE_BF16, _DECODE_F16, _decode_into, _grid, _planes, _store_tile, _tiles,
-                           cp_async_refusal)
+from .linear_wgmma import (_DECODE_BF16, _DECODE_F16, _decode_into, _grid, _planes, _steps, _store_tile,
+                           _tiles, cp_async_refusal)
 
 try:  # Gluon as this file uses it ships with Triton 3.6
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -178,12 +178,7 @@ def linear_wgmma_ws_kernel(
 
     n0 = gl.program_id(1) * BLOCK_N
     m0 = gl.program_id(0) * BLOCK_M  # fastest: the programs sharing a weight tile run together
-    # This program's steps: all, or its run of them under split-K (the last run may be short or empty).
-    first, last = 0, gl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:
-        run = gl.cdiv(last, SPLIT_K)
-        first = gl.program_id(2) * run
-        last = gl.minimum(first + run, last)
+    first, last = _steps(K, BLOCK_K, SPLIT_K)
     steps = gl.maximum(last - first, 0)
 
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GROUPS, CH], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
