@@ -222,6 +222,7 @@ def linear_wgmma_kernel(
         fence_async_shared()
         gl.thread_barrier()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    cp.wait_group(0)  # the (zero-filling) copies past the last step land before the program ends
 
     _store_tile(acc, bias_ptr, out_ptr, M, N, n0, m0, HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, ACC)
 
