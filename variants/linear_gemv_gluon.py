@@ -188,6 +188,7 @@ def linear_gemv_gluon_kernel(
             absmax = q
         acc = gl.fma(gl.sum(part, axis=3), absmax[None, :, :], acc)
         q, x = next_q, next_x
+    cp.wait_group(0)  # the (zero-filling) copies past the last step land before the program ends
 
     result = gl.sum(acc, axis=2)
     n_o = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LO))
