@@ -84,6 +84,34 @@ print(json.dumps({{"tried": tried, "failures": failures}}))
     assert report["tried"] >= 22 and not report["failures"], "\n".join(report["failures"])
 
 
+DRAIN_PTX = """
+import json, re, nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, compile_config, supports
+copying, undrained = [], []
+for name in nf4_explorer.names(family=None):
+    variant = nf4_explorer.get(name)
+    if variant.kernel is None or not supports(name, "sm_90"):
+        continue
+    ptx = compile_config(name, variant.default_config(64), TARGETS["sm_90"]).asm["ptx"]
+    if "cp.async.commit_group" in ptx:
+        copying.append(name)
+        if not re.search(r"cp\\.async\\.wait_(group\\s+0|all)\\s*;", ptx):
+            undrained.append(name)
+print(json.dumps({"copying": copying, "undrained": undrained}))
+"""
+
+
+def test_cp_async_rings_are_drained():
+    """A kernel that copies with cp.async waits for all its copy groups somewhere (``wait_group 0``):
+    rings that run ahead of the last K step leave zero-filling copies in flight, which must land
+    before the program ends and its shared memory goes to the next program on the SM (the Gluon
+    kernels drain them explicitly; Triton's pipeliner does it for tl kernels). A presence check on
+    the sm_90 PTX of every variant's default config, not a proof for every path."""
+    report = json.loads(_run(["-c", DRAIN_PTX]).strip().splitlines()[-1])
+    assert {"linear_gemv_gluon", "linear_wgmma", "phase_split"} <= set(report["copying"]), report
+    assert not report["undrained"], f"cp.async groups never drained in {report['undrained']}"
+
+
 CHECK_PTX = """
 import sys, nf4_explorer
 from nf4_explorer.tuner.aot import TARGETS, compile_config
