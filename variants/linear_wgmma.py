@@ -88,6 +88,20 @@ def _decode_into(w_buffer, words, absmax, planes, DECODE: gl.constexpr, BLOCK_N:
     w_buffer.store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
 
 
+@gluon.constexpr_function
+def _word_layout(block_k, ch, warps):
+    """The layout of a step's words [BLOCK_N, GROUPS, CH] on ``warps`` warps: a thread's CH words
+    consecutive (one vector load), GROUPS = BLOCK_K // (8 CH) threads a row."""
+    groups = block_k // (8 * ch)
+    return gl.BlockedLayout([1, 1, ch], [32 // groups, groups, 1], [warps, 1, 1], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def _x_layout(block_k, warps):
+    """The layout of x's tile [BLOCK_M, BLOCK_K] on ``warps`` warps, in 16-byte pieces."""
+    return gl.BlockedLayout([1, 8], [32 // (block_k // 8), block_k // 8], [warps, 1], [1, 0])
+
+
 @gluon.jit
 def _tiles(n0, m0, M, N, K, BLOCKSIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
            BLOCK_K: gl.constexpr, CH: gl.constexpr, LW: gl.constexpr, LX: gl.constexpr):
@@ -165,10 +179,10 @@ def linear_wgmma_kernel(
     KIND: gl.constexpr = 1 if F16 else 2  # the LUT's byte planes (``_format.LUT_KINDS``)
     DECODE: gl.constexpr = _DECODE_F16 if F16 else _DECODE_BF16
 
-    # Registers: the words [BLOCK_N, GROUPS, CH] (a thread's CH words consecutive: one vector load),
-    # x's tile [BLOCK_M, BLOCK_K] (16-byte pieces), the accumulator [BLOCK_N, BLOCK_M] (wgmma's).
-    LW: gl.constexpr = gl.BlockedLayout([1, 1, CH], [32 // GROUPS, GROUPS, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
-    LX: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [NUM_WARPS, 1], [1, 0])
+    # Registers: the words and x's tile (``_word_layout``, ``_x_layout``), the accumulator
+    # [BLOCK_N, BLOCK_M] (wgmma's).
+    LW: gl.constexpr = _word_layout(BLOCK_K, CH, NUM_WARPS)
+    LX: gl.constexpr = _x_layout(BLOCK_K, NUM_WARPS)
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     W_SHARED: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], X_DTYPE)

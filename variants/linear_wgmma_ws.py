@@ -35,7 +35,7 @@ import triton
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 from .linear_lut_gemm import split_k_run
 from .linear_wgmma import (_DECODE_BF16, _DECODE_F16, _decode_into, _grid, _planes, _steps, _store_tile,
-                           _tiles, cp_async_refusal)
+                           _tiles, _word_layout, _x_layout, cp_async_refusal)
 
 try:  # Gluon as this file uses it ships with Triton 3.6
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
@@ -85,13 +85,12 @@ def _produce(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
              BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, CH: gl.constexpr,
              STAGES: gl.constexpr, BUFFERS: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
     """The producer warps: x's tiles and the decoded weight tiles into the buffers."""
-    GROUPS: gl.constexpr = BLOCK_K // (8 * CH)  # a thread's CH consecutive words share one absmax
     X_DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     F16: gl.constexpr = X_DTYPE == gl.float16
     KIND: gl.constexpr = 1 if F16 else 2  # the LUT's byte planes (``_format.LUT_KINDS``)
     DECODE: gl.constexpr = _DECODE_F16 if F16 else _DECODE_BF16
-    LW: gl.constexpr = gl.BlockedLayout([1, 1, CH], [32 // GROUPS, GROUPS, 1], [PRODUCER_WARPS, 1, 1], [2, 1, 0])
-    LX: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [PRODUCER_WARPS, 1], [1, 0])
+    LW: gl.constexpr = _word_layout(BLOCK_K, CH, PRODUCER_WARPS)
+    LX: gl.constexpr = _x_layout(BLOCK_K, PRODUCER_WARPS)
     PAIRS_SHARED: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=w_bufs.type.layout.swizzle_byte_width,
                                                       element_bitwidth=32, rank=2)
 
