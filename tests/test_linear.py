@@ -71,6 +71,26 @@ def test_every_variant_within_the_contract(name, dtype, device):
     assert ran, f"{name}: no config ran"
 
 
+@pytest.mark.parametrize("name", LINEAR)
+def test_float16_x_on_a_bfloat16_weight_within_the_contract_or_declined(name, device):
+    """A float16 x on a weight quantized from bfloat16 (state.dtype): the contract's reference rounds
+    the weight to bfloat16 first. The register-LUT variants decode on x's finer float16 grid and were
+    ~2x over the bound at K = 4096; they decline it now, and the dispatcher's choice is within it."""
+    weight = torch.randn(32, 4096, dtype=torch.bfloat16, device=device) * 0.02
+    packed, state = nf4_explorer.quantize(weight, blocksize=64)
+    x = torch.randn(2, 4096, dtype=torch.float16, device=device)
+    _check(name, nf4_explorer.get(name).default_config(64), x, packed, state, None)
+
+
+def test_the_dispatcher_keeps_a_float16_x_on_a_bfloat16_weight_within_the_contract(device):
+    weight = torch.randn(32, 4096, dtype=torch.bfloat16, device=device) * 0.02
+    packed, state = nf4_explorer.quantize(weight, blocksize=64)
+    x = torch.randn(2, 4096, dtype=torch.float16, device=device)
+    reference = tuning.reference_linear(x, packed, state)
+    error = (nf4_explorer.linear(x, packed, state).double() - reference).abs().max().item()
+    assert error <= tuning.tolerance(x, packed, state, reference=reference)
+
+
 @pytest.mark.parametrize("split", [2, 4, 8])
 @pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
 def test_split_k_within_the_contract(split, bias, device):
@@ -216,9 +236,10 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
     nearest = nf4_explorer.explain_linear(torch.randn(2, 128, dtype=torch.bfloat16, device=device), other_packed,
                                           other_state)
     assert (nearest.variant, nearest.reason) == ("linear_gemv", "tuned (nearest shape)")
-    # float16 x, nothing tuned for float16: the bfloat16 entries, by the same order.
+    # float16 x (on a float16 weight), nothing tuned for float16: the bfloat16 entries, by the same order.
+    _, packed16, state16, _ = _problem(32, 128, 1, torch.float16, device)
     fp16 = lambda m: nf4_explorer.explain_linear(torch.randn(m, 128, dtype=torch.float16, device=device),  # noqa: E731
-                                                 packed, state)
+                                                 packed16, state16)
     assert (fp16(1).variant, fp16(1).reason) == ("linear_gemv", "tuned (other 16-bit dtype)")
     assert (fp16(50).variant, fp16(50).reason) == ("linear_tiled", "tuned (other 16-bit dtype)")
     assert "a bfloat16 entry" in fp16(50).detail
