@@ -56,7 +56,8 @@ for name in nf4_explorer.names(family="linear"):
     for config in (variant.default_config(64), configs[0], configs[-1]):
         for dtype in ("bfloat16", "float16", "float32"):
             if variant.accepts(types.SimpleNamespace(k=4096, blocksize=64, dtype=getattr(torch, dtype),
-                                                    x2d=torch.empty(0, dtype=getattr(torch, dtype)))):
+                                                    x2d=torch.empty(0, dtype=getattr(torch, dtype)),
+                                                    weight=types.SimpleNamespace(out_dtype=getattr(torch, dtype)))):
                 continue
             tried += 1
             try:
