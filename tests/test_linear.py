@@ -91,21 +91,20 @@ def test_the_dispatcher_keeps_a_float16_x_on_a_bfloat16_weight_within_the_contra
     assert error <= tuning.tolerance(x, packed, state, reference=reference)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("pair", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
                                   (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                   (torch.float32, torch.float16), (torch.float16, torch.float32)], ids=str)
-def test_linear_dequantize_cast_is_tensor_to_on_gpu(pair):
+def test_linear_dequantize_cast_is_tensor_to(pair, device):
     """linear_dequantize's cast of the dequantized weight to x's dtype gives Tensor.to's bits: values
     of every binade, past float16's range, subnormal, infinite, signed zeros; the output poisoned first."""
     from nf4_explorer.linear_dequantize import cast_kernel
 
     source, target = pair
-    scales = torch.tensor([1e-9, 1e-7, 6e-5, 1e-3, 1.0, 300.0, 6e4, 7e4, 1e6, 1e30], device="cuda")
-    values = torch.randn(1 << 20, device="cuda") * scales[torch.randint(0, len(scales), (1 << 20,), device="cuda")]
+    scales = torch.tensor([1e-9, 1e-7, 6e-5, 1e-3, 1.0, 300.0, 6e4, 7e4, 1e6, 1e30], device=device)
+    values = torch.randn(1 << 20, device=device) * scales[torch.randint(0, len(scales), (1 << 20,), device=device)]
     values[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 65504.0, 65520.0])
     src = values.to(source)
-    out = torch.full(src.shape, float("nan"), dtype=target, device="cuda")
+    out = torch.full(src.shape, float("nan"), dtype=target, device=device)
     cast_kernel[(src.numel() // 4096,)](src, out, src.numel(), BLOCK=4096)
     assert_bit_equal(out, src.to(target), f"cast {source} -> {target}")
 

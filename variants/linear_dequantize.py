@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._decode import to_output
 from ._dispatch import dequantize_prepared
 from ._launch import KernelArguments, launch
 from ._registry import Variant, register
@@ -33,10 +34,10 @@ def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> to
 
 @triton.jit
 def cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst = src in dst's dtype, rounded to nearest even as ``Tensor.to`` does (through float32)."""
+    """dst = src in dst's dtype, through float32 and rounded to nearest even as ``Tensor.to`` does."""
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = at < n
-    tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_ptr + at, to_output(tl.load(src_ptr + at, mask=mask).to(tl.float32), dst_ptr), mask=mask)
 
 
 _CAST_CONFIG = {"BLOCK": 4096, "num_warps": 8}
@@ -47,17 +48,16 @@ def _run(args, config):
     shape = torch.Size((args.n, args.k))
     weight = dataclasses.replace(args.weight, out=workspace(shape, args.weight.out_dtype, args.device))
     dense = dequantize_prepared(weight)
-    if dense.dtype != args.dtype and args.device.type == "cuda":
+    if dense.dtype != args.dtype:
         # x's dtype differs from the state's (a float16 x on a bfloat16 weight, a float32 x): the cast
-        # into a workspace of x's dtype, bit-identical to Tensor.to on the GPU (tests/test_linear.py),
-        # which took 158 µs for 14336x4096 bfloat16 -> float16 on an H200 against this kernel's 62
-        # (session 18). Triton's interpreter rounds to bfloat16 otherwise than PyTorch: Tensor.to there.
+        # into a workspace of x's dtype, bit-identical to Tensor.to (tests/test_linear.py), which took
+        # 158 µs for 14336x4096 bfloat16 -> float16 on an H200 against this kernel's 62 (session 18).
         cast = workspace(shape, args.dtype, args.device)
         n = shape.numel()
         launch(cast_kernel, lambda c: (triton.cdiv(n, c["BLOCK"]),), KernelArguments([dense, cast, n], {}),
                _CAST_CONFIG, args.device, "linear_dequantize:cast")
         dense = cast
-    args.out = torch.nn.functional.linear(args.x, dense.to(args.dtype), args.bias)
+    args.out = torch.nn.functional.linear(args.x, dense, args.bias)
 
 
 register(Variant(
