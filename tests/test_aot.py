@@ -41,8 +41,9 @@ def test_every_config_compiles(name, target):
 @pytest.mark.parametrize("target", ["sm_80", "sm_90", "gfx942"])
 def test_linear_variants_compile(target):
     """Each fused linear kernel compiles ahead of time at its default config and its space's corners
-    (smallest and largest tiles) for bfloat16, float16 and float32 x (those x dtypes its ``accepts``
-    takes: the register-LUT variants decline float32); their whole spaces are hundreds of configs
+    (smallest and largest tiles) for bfloat16, float16 and float32 x and a float16 x on a bfloat16 weight
+    (those its ``accepts`` takes: the register-LUT variants decline float32, most of them the pair);
+    their whole spaces are hundreds of configs
     each, which the tuner prunes on the card. Split-K's second kernel compiles too."""
     code = f"""
 import json, types, torch, nf4_explorer
@@ -54,16 +55,17 @@ for name in nf4_explorer.names(family="linear"):
         continue
     configs = variant.configs(64)
     for config in (variant.default_config(64), configs[0], configs[-1]):
-        for dtype in ("bfloat16", "float16", "float32"):
+        for dtype, weight_dtype in (("bfloat16",) * 2, ("float16",) * 2, ("float32",) * 2, ("float16", "bfloat16")):
             if variant.accepts(types.SimpleNamespace(k=4096, blocksize=64, dtype=getattr(torch, dtype),
                                                     x2d=torch.empty(0, dtype=getattr(torch, dtype)),
-                                                    weight=types.SimpleNamespace(out_dtype=getattr(torch, dtype)))):
+                                                    weight=types.SimpleNamespace(out_dtype=getattr(torch, weight_dtype)))):
                 continue
             tried += 1
             try:
-                compile_config(name, config, TARGETS["{target}"], out_dtype=dtype)
+                compile_config(name, config, TARGETS["{target}"], out_dtype=dtype, weight_dtype=weight_dtype)
             except Exception as exc:
-                failures.append(f"{{name}} {{config}} {{dtype}}: {{type(exc).__name__}}: {{str(exc)[:300]}}")
+                failures.append(f"{{name}} {{config}} {{dtype}} on {{weight_dtype}}: {{type(exc).__name__}}: "
+                                f"{{str(exc)[:300]}}")
 # split-K's second kernel (linear_lut_gemm's sum of the float32 planes, bias, one cast)
 import triton
 from triton.compiler import ASTSource
@@ -131,6 +133,56 @@ def test_no_fused_multiply_add_and_vector_stores_on_hopper(name):
     has_fma, has_wide_store = _run(["-c", CHECK_PTX, name]).split()
     assert has_fma == "0", f"{name}: PTX contains fma.rn.f32"
     assert has_wide_store == "1", f"{name}: no vector output stores in PTX"
+
+
+PAIR_PTX = """
+import json, nf4_explorer
+from nf4_explorer.tuner.aot import TARGETS, compile_config
+counts = {}
+for name in ("linear_gemv_gluon", "linear_mma_gemv", "linear_wgmma"):
+    for quant_type in ("nf4", "fp4"):
+        for weight_dtype in ("bfloat16", "float16"):
+            ptx = compile_config(name, nf4_explorer.get(name).default_config(64), TARGETS["sm_90"], out_dtype="float16",
+                                 weight_dtype=weight_dtype, quant_type=quant_type).asm["ptx"]
+            counts[f"{name} {quant_type} {weight_dtype}"] = ptx.count("cvt.rn.bf16x2.f32")
+print(json.dumps(counts))
+"""
+
+
+def test_a_float16_x_on_a_bfloat16_weight_decodes_from_block_tables():
+    """linear_gemv_gluon, linear_mma_gemv and linear_wgmma take a float16 x on a bfloat16 weight by
+    building a table of each block's exact bfloat16 weights (``_decode.block_planes``: the one place
+    their sm_90 PTX rounds to bfloat16); on a float16 weight they decode on x's grid as before. The
+    values are checked on the GPU (tests/test_linear.py)."""
+    counts = json.loads(_run(["-c", PAIR_PTX]).strip().splitlines()[-1])
+    for key, count in counts.items():
+        assert (count > 0) == key.endswith("bfloat16"), counts
+
+
+SUM_AT_ONE = """
+import json, triton
+from triton.compiler import ASTSource
+from nf4_explorer.linear_lut_gemm import _SUM_CONFIG, sum_splits_kernel
+from nf4_explorer.tuner.aot import TARGETS
+failures = []
+for m, n in ((1, 4096), (4096, 1), (1, 1)):
+    signature = {"part_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "constexpr", "N": "constexpr",
+                 "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
+    source = ASTSource(sum_splits_kernel, signature, constexprs={"M": m, "N": n, "SPLIT_K": 2, "HAS_BIAS": True,
+                                                                 "BLOCK": _SUM_CONFIG["BLOCK"]})
+    try:
+        triton.compile(source, target=TARGETS["sm_90"], options={"num_warps": _SUM_CONFIG["num_warps"]})
+    except Exception as exc:
+        failures.append(f"M = {m}, N = {n}: {type(exc).__name__}: {str(exc)[-200:]}")
+print(json.dumps(failures))
+"""
+
+
+def test_split_k_sum_compiles_for_one_row():
+    """Triton passes an integer argument equal to 1 as a compile-time constant: split-K's sum kernel
+    must compile with M = 1 (a forced split-K config at M = 1 failed to compile on the H200, run S19.3)."""
+    failures = json.loads(_run(["-c", SUM_AT_ONE]).strip().splitlines()[-1])
+    assert not failures, failures
 
 
 FIT_CHECK = """

@@ -74,12 +74,39 @@ def test_every_variant_within_the_contract(name, dtype, device):
 @pytest.mark.parametrize("name", LINEAR)
 def test_float16_x_on_a_bfloat16_weight_within_the_contract_or_declined(name, device):
     """A float16 x on a weight quantized from bfloat16 (state.dtype): the contract's reference rounds
-    the weight to bfloat16 first. The register-LUT variants decode on x's finer float16 grid and were
-    ~2x over the bound at K = 4096; they decline it now, and the dispatcher's choice is within it."""
+    the weight to bfloat16 first. The register-LUT variants that decode on x's finer float16 grid were
+    ~2x over the bound at K = 4096 and decline it; linear_gemv_gluon, linear_mma_gemv and linear_wgmma
+    decode it from tables of each block's bfloat16 weights (GPU only) and must be within it at every
+    config tried."""
     weight = torch.randn(32, 4096, dtype=torch.bfloat16, device=device) * 0.02
     packed, state = nf4_explorer.quantize(weight, blocksize=64)
-    x = torch.randn(2, 4096, dtype=torch.float16, device=device)
-    _check(name, nf4_explorer.get(name).default_config(64), x, packed, state, None)
+    for m in (2, 16):
+        x = torch.randn(m, 4096, dtype=torch.float16, device=device)
+        for config in _configs(name, 64):
+            _check(name, config, x, packed, state, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["linear_gemv_gluon", "linear_mma_gemv", "linear_wgmma"])
+@pytest.mark.parametrize("fmt", [dict(quant_type="nf4", double_quant=True), dict(quant_type="fp4", double_quant=False)],
+                         ids=["nf4", "fp4"])
+def test_block_tables_give_the_dequantized_weight(name, fmt):
+    """A float16 x on a bfloat16 weight through the block tables: x one-hot in column c gives column c
+    of the weight itself, so every decoded weight must be dequantize's bfloat16 bits as float16
+    (Tensor.to's), for rows whose scales run from float16's subnormals to its top binades."""
+    torch.manual_seed(0)
+    n, k = 256, 2048
+    scales = 2.0 ** torch.randint(-24, 12, (n, 1), dtype=torch.float32)
+    weight = (torch.randn(n, k) * scales).to(device="cuda", dtype=torch.bfloat16)
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, **fmt)
+    weights = nf4_explorer.dequantize(packed, state).to(torch.float16)
+    columns = torch.randperm(k, device="cuda")[:64]
+    x = torch.zeros(64, k, dtype=torch.float16, device="cuda")
+    x[torch.arange(64, device="cuda"), columns] = 1.0
+    for config in _configs(name, 64):
+        for m in (1, 3, 16, 64):
+            out = nf4_explorer.linear(x[:m], packed, state, variant=name, config=config)
+            assert_bit_equal(out, weights[:, columns[:m]].T.contiguous(), f"{name} {config} M = {m}")
 
 
 def test_the_dispatcher_keeps_a_float16_x_on_a_bfloat16_weight_within_the_contract(device):
@@ -268,6 +295,21 @@ def test_dispatcher_picks_by_m_bucket(monkeypatch, tmp_path, device):
     assert (fp16(50).variant, fp16(50).reason) == ("linear_gemv", "tuned (exact)")
     assert (fp16(1).variant, fp16(1).reason) == ("linear_gemv", "tuned (other 16-bit dtype)")
     assert (choose(50).variant, choose(50).reason) == ("linear_tiled", "tuned (exact)")
+
+
+def test_an_entry_whose_variant_declines_gives_way_to_the_next(monkeypatch, tmp_path, device):
+    """A float16 x on a bfloat16 weight, which linear_lut_gemm declines (it decodes on x's grid): its
+    tuned entry at the exact shape gives way to the nearest entry whose variant takes the problem,
+    not to dequantize + cuBLAS; a problem its variant takes still gets it."""
+    _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([32, 128], 4, "linear_lut_gemm", out_dtype="float16"),
+                                           _tuned_entry([64, 128], 4, "linear_tiled", out_dtype="float16")])
+    _, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
+    x = torch.randn(3, 128, dtype=torch.float16, device=device)
+    choice = nf4_explorer.explain_linear(x, packed, state)
+    assert (choice.variant, choice.reason) == ("linear_tiled", "tuned (nearest shape)"), choice
+    _check("linear_tiled", choice.config, x, packed, state, None)
+    _, packed16, state16, _ = _problem(32, 128, 1, torch.float16, device)
+    assert nf4_explorer.explain_linear(x, packed16, state16).variant == "linear_lut_gemm"
 
 
 def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):

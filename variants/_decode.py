@@ -7,6 +7,8 @@ Exactness rules (bitsandbytes 0.50, bit for bit):
   ``_launch.launch_options``) so the compiler cannot fuse that multiply and add into one FMA.
 """
 
+import struct
+
 import triton
 import triton.language as tl
 
@@ -259,6 +261,40 @@ mov.b32 {{{{{{e3}}, {{e2}}}}}}, p;
 _LUT_SCALE = ".reg .b32 p, scale, nzero;\ncvt.rn.{t}x2.f32 scale, $9, $9;\nmov.b32 nzero, 0x80008000;\n"
 _LUT_BF16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="bf16"), _LUT_SCALE.format(t="bf16"))
 _LUT_F16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="f16"), _LUT_SCALE.format(t="f16"))
+def _f32_immediate(value: float) -> str:
+    """``value`` as a PTX float32 immediate (its bits: 0f3F800000 is 1.0)."""
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def _block_planes_asm(table: tuple, f16: bool) -> str:
+    """asm: the byte planes ($0-$7, as ``_format.LUT_KINDS``' sections) of a register LUT whose 16
+    entries are one quantization block's weights, ``table[i]`` times the block's float32 absmax
+    ($8) rounded to float32 then once to bfloat16: dequantize's bits for a bfloat16 weight. With
+    ``f16`` the entries are those bfloat16 values as float16 (exact in float16's normal range, one
+    rounding below it: ``Tensor.to``'s). Entries 2j, 2j + 1 are computed as a packed pair, then
+    the pairs' low and high bytes are gathered into planes by prmt: ~3 instructions an entry."""
+    lines = ["{", ".reg .b32 u, v, p<8>;"]
+    for j in range(8):
+        lines += [f"mul.rn.f32 u, $8, {_f32_immediate(table[2 * j + 1])};",
+                  f"mul.rn.f32 v, $8, {_f32_immediate(table[2 * j])};",
+                  f"cvt.rn.bf16x2.f32 p{j}, u, v;"]  # entry 2j + 1 in the high half
+        if f16:
+            lines += [f"shl.b32 u, p{j}, 16;", f"and.b32 v, p{j}, 0xFFFF0000;", f"cvt.rn.f16x2.f32 p{j}, v, u;"]
+    for i in range(4):
+        lines += [f"prmt.b32 ${i}, p{2 * i}, p{2 * i + 1}, 0x6420;",  # low bytes of entries 4i..4i+3
+                  f"prmt.b32 ${4 + i}, p{2 * i}, p{2 * i + 1}, 0x7531;"]  # their high bytes
+    return "\n".join(lines + ["}"])
+
+
+_BLOCK_PLANES = {(qt, f16): _block_planes_asm(table, f16) for qt, table in ((NF4, NF4_TABLE), (FP4, FP4_TABLE))
+                 for f16 in (False, True)}
+
+
+@triton.constexpr_function
+def block_planes(quant_type, f16):
+    """The asm of ``_block_planes_asm`` for QUANT_TYPE ``quant_type`` (float16 entries where ``f16``)."""
+    return _BLOCK_PLANES[(quant_type, f16)]
+
 # As compile-time constants for the kernels.
 _LUT_BF16_TO_F32, _LUT_F16_TO_F32, _LUT_BF16_WEIGHTS, _LUT_F16_WEIGHTS = (
     tl.constexpr(a) for a in (_LUT_BF16_TO_F32, _LUT_F16_TO_F32, _LUT_BF16_WEIGHTS, _LUT_F16_WEIGHTS))

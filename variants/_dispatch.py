@@ -5,8 +5,10 @@ Choice order: ``variant=``/``config=`` arguments, then ``$NF4_EXPLORER_VARIANT``
 for which file and its tiers), else the built-in default. A dequantize problem matches the exact
 shape, else the nearest size bucket with the same quant type, blocksize, double quant and dtype; a
 linear problem the exact [N, K] at the nearest M bucket, else the nearest [N, K] (a float16 x takes a
-bfloat16 entry where no float16 one is nearer, and the other way round). A variant that
-cannot take a problem (``Variant.accepts``) is passed over for the family's always-valid fallback.
+bfloat16 entry where no float16 one is nearer, and the other way round), among the entries whose
+variant takes the problem (``Variant.accepts``: a float16 x on a bfloat16 weight, say, which some
+fused variants decline). A variant that cannot take a problem otherwise (forced, or the default)
+is passed over for the family's always-valid fallback.
 The choice is memoized per problem; on a GPU a steady call of a problem seen before goes further,
 on its plan (``_plans``): no dispatcher and no validation of x, straight to the kept launch.
 
@@ -133,6 +135,10 @@ def _choose_linear(args) -> Choice:
     dtype = _cache.DTYPE_NAMES[args.dtype]
     dtypes = (dtype, _TWIN_DTYPES[dtype]) if dtype in _TWIN_DTYPES else (dtype,)
     same_kind = [e for e in entries if any(_same_format(e, args.weight, d, "linear") for d in dtypes)]
+    runnable = _registry.names(args.device, family="linear")
+    takes = {name: name in runnable and _registry.get(name).accepts(args) is None
+             for name in {e["variant"] for e in same_kind}}
+    same_kind = [e for e in same_kind if takes[e["variant"]]]
     distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
     if same_kind:
         # The nearest M bucket first (what wins depends on M far more than on the shape: an exact

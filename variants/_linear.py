@@ -44,21 +44,23 @@ def runs_ptx(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and not interpreter_enabled()
 
 
-def lut_refusal(args: "LinearArgs", name: str, why: str) -> str | None:
+def lut_refusal(args: "LinearArgs", name: str, why: str, block_tables: bool = False) -> str | None:
     """Why a register-LUT variant (linear_gemv, linear_lut_tiled, ...) cannot take a problem, or None:
     it needs rows of whole quantization blocks and a 16-bit x, not a float16 x on a bfloat16 weight
-    (``why`` it needs a 16-bit x)."""
+    unless it decodes that pair from tables of each block's exact weights (``block_tables``:
+    ``_decode.block_planes``) (``why`` it needs a 16-bit x)."""
     if args.k % args.blocksize:
         return (f"{name} needs K (in_features) to be a multiple of the blocksize; K = {args.k}, "
                 f"blocksize {args.blocksize}: use linear_tiled or linear_dequantize")
     if args.dtype.itemsize != 2:
         return (f"{name} {why}, within tolerance for float16/bfloat16 x only; x is {args.dtype}: use "
                 "linear_tiled or linear_dequantize")
-    if args.dtype == torch.float16 and args.weight.out_dtype == torch.bfloat16:
+    if args.dtype == torch.float16 and args.weight.out_dtype == torch.bfloat16 and not block_tables:
         # It decodes on x's float16 grid, finer than the bfloat16 weight the contract's reference
         # rounds to: ~2x over the bound at K = 4096 (tests/test_linear.py). linear_tiled rounds first.
         return (f"{name} decodes the weight on x's float16 grid, finer than the bfloat16 weight (state.dtype) "
-                "the contract rounds to: use linear_tiled or linear_dequantize, or pass x in bfloat16")
+                "the contract rounds to: use linear_gemv_gluon, linear_mma_gemv, linear_wgmma, linear_tiled or "
+                "linear_dequantize, or pass x in bfloat16")
     return None
 
 

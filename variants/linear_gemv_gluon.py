@@ -33,7 +33,7 @@ Codes are looked up on x's 16-bit grid (``_decode``'s register LUT asm) and mult
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_F16_TO_F32, _LUT_OFFSET, _LUT_STRIDE, _lut_asm
+from ._decode import _LUT_F16_TO_F32, _LUT_OFFSET, _LUT_STRIDE, _lut_asm, block_planes
 from ._linear import lut_refusal
 from ._registry import Variant, VariantUnavailable, register
 
@@ -79,6 +79,26 @@ def _step_loads(absmax_ptr, x_ptr, block_at, block_first, a_mask, x_at, col_x, x
     absmax = gl.load(absmax_ptr + block_at + block, mask=a_mask & (block * BLOCKSIZE < K), other=0)
     x = gl.load(x_ptr + x_at + first * 8, mask=x_mask & (first * 8 + col_x < K), other=0.0)
     return absmax, x
+
+
+@gluon.jit
+def _absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE: gl.constexpr,
+            NESTED_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr, QUADS: gl.constexpr):
+    """float32 absmax [BLOCK_N, QUADS] of a step from its entries ``q`` (decoding double quant)."""
+    if DOUBLE_QUANT:
+        block = block_at + (step * (QUADS * 4) + block_first) * 8 // BLOCKSIZE
+        absmax = gl.load(code2_ptr + q.to(gl.int32)) * gl.load(absmax2_ptr + block // NESTED_BLOCKSIZE,
+                                                               mask=a_mask, other=0.0)
+        absmax = absmax + offset
+    else:
+        absmax = q
+    return absmax
+
+
+@gluon.jit
+def _quads(plane, layout: gl.constexpr):
+    """A step's plane [BLOCK_N, QUADS] as [BLOCK_N, QUADS, 1] in the words' layout (no data movement)."""
+    return gl.convert_layout(plane, gl.SliceLayout(2, layout), assert_trivial=True)[:, :, None]
 
 
 @gluon.jit
@@ -133,12 +153,19 @@ def linear_gemv_gluon_kernel(
     # takes them from ordinary registers: loaded at a lane-dependent offset (always 0, as K < 2^31),
     # they stay in eight registers, where uniform values would be moved in before every use.
     KIND: gl.constexpr = 1 if x_ptr.dtype.element_ty == gl.float16 else 2
-    ASM: gl.constexpr = _LUT_F16_TO_F32 if KIND == 1 else _LUT_BF16_PAIRS_TO_F32
+    # A float16 x on a bfloat16 weight (state.dtype): the contract's weight is dequantize's bfloat16
+    # value, which a lookup on x's float16 grid times the absmax misses by up to half a bfloat16
+    # ulp. EXACT builds every step's table from its blocks' absmax instead (``_decode.block_planes``:
+    # entries round_bf16(table * absmax), ~3 instructions an entry, once per 32 codes), so the
+    # lookup gives the weights themselves and no absmax multiplies the sums.
+    EXACT: gl.constexpr = KIND == 1 and WEIGHT_DTYPE == gl.bfloat16
+    ASM: gl.constexpr = _LUT_F16_TO_F32 if KIND == 1 and not EXACT else _LUT_BF16_PAIRS_TO_F32
     lane = gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [gl.full([1, 1, 1], 0, gl.int32, LW)],
                                      dtype=gl.int32, is_pure=True, pack=1)
     planes = table_ptr.to(gl.pointer_type(gl.int32)) + _LUT_OFFSET + KIND * _LUT_STRIDE + (lane & (K >> 31))
     l0, l1, l2, l3 = gl.load(planes), gl.load(planes + 1), gl.load(planes + 2), gl.load(planes + 3)
     h0, h1, h2, h3 = gl.load(planes + 4), gl.load(planes + 5), gl.load(planes + 6), gl.load(planes + 7)
+    offset = 0.0
     if DOUBLE_QUANT:
         offset = gl.load(offset_ptr)
 
@@ -160,9 +187,21 @@ def linear_gemv_gluon_kernel(
                                      step + 1, K, BLOCKSIZE, QUADS)
         cp.wait_group(STAGES - 1)
         words = ring.index(step % STAGES).load(LW)
-        e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
-            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
-            dtype=(gl.float32,) * 8, is_pure=True, pack=1)
+        if EXACT:
+            b0, b1, b2, b3, b4, b5, b6, b7 = gl.inline_asm_elementwise(
+                block_planes(QUANT_TYPE, False), "=r,=r,=r,=r,=r,=r,=r,=r,f",
+                [_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
+                         NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)],
+                dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+            e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                [words, _quads(b0, LW), _quads(b1, LW), _quads(b2, LW), _quads(b3, LW), _quads(b4, LW),
+                 _quads(b5, LW), _quads(b6, LW), _quads(b7, LW)],
+                dtype=(gl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
+                dtype=(gl.float32,) * 8, is_pure=True, pack=1)
         # Column j = 4a + 2b + c of every word: split on c, then b, then a.
         x_even, x_odd = gl.split(gl.reshape(x, [BLOCK_M, QUADS, 4, 2, 2, 2]))
         x04, x26 = gl.split(x_even)
@@ -179,14 +218,12 @@ def linear_gemv_gluon_kernel(
         part = gl.fma(_column(x5, LXJ)[:, None], e5[None, :], part)
         part = gl.fma(_column(x6, LXJ)[:, None], e6[None, :], part)
         part = gl.fma(_column(x7, LXJ)[:, None], e7[None, :], part)
-        if DOUBLE_QUANT:
-            block = block_at + (step * (QUADS * 4) + block_first) * 8 // BLOCKSIZE
-            absmax = gl.load(code2_ptr + q.to(gl.int32)) * gl.load(absmax2_ptr + block // NESTED_BLOCKSIZE,
-                                                                   mask=a_mask, other=0.0)
-            absmax = absmax + offset
+        if EXACT:
+            acc += gl.sum(part, axis=3)
         else:
-            absmax = q
-        acc = gl.fma(gl.sum(part, axis=3), absmax[None, :, :], acc)
+            absmax = _absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
+                             NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)
+            acc = gl.fma(gl.sum(part, axis=3), absmax[None, :, :], acc)
         q, x = next_q, next_x
     cp.wait_group(0)  # the (zero-filling) copies past the last step land before the program ends
 
@@ -214,7 +251,7 @@ def _accepts(args):
     if args.blocksize < 32:
         return (f"linear_gemv_gluon reads 4 packed words (32 codes) per absmax; blocksize {args.blocksize} "
                 "is smaller: use linear_gemv")
-    return lut_refusal(args, "linear_gemv_gluon", "decodes codes on a 16-bit grid")
+    return lut_refusal(args, "linear_gemv_gluon", "decodes codes on a 16-bit grid", block_tables=True)
 
 
 register(Variant(

@@ -106,7 +106,7 @@ def linear_lut_gemm_kernel(
 def sum_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK: tl.constexpr):
     """out [M, N] = the SPLIT_K float32 planes of part [SPLIT_K, M, N] added in order (+ bias), cast once."""
-    size = M.to(tl.int64) * N
+    size = tl.cast(M, tl.int64) * N  # tl.cast: Triton passes an M or N of 1 as a constant, not a tensor
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = at < size
     acc = tl.load(part_ptr + at, mask=mask, other=0.0)

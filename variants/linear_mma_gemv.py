@@ -24,7 +24,7 @@ compute capability 8.0 or newer (Gluon, inline PTX): no interpreter, no AMD.
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_HALF, _LUT_NEXT_HALF, _LUT_OFFSET, _LUT_SELECT, _LUT_STRIDE
+from ._decode import _LUT_HALF, _LUT_NEXT_HALF, _LUT_OFFSET, _LUT_SELECT, _LUT_STRIDE, block_planes
 from ._linear import lut_refusal
 from ._registry import Variant, VariantUnavailable, register
 
@@ -37,13 +37,15 @@ except ImportError as exc:
     raise VariantUnavailable(f"linear_mma_gemv needs Triton 3.6 or newer with Gluon: {exc}") from exc
 
 
-def _word_pairs(word: str, scale: str, out: tuple, first_plane: int = 12) -> str:
+def _word_pairs(word: str, scale: str | None, out: tuple, first_plane: int = 12) -> str:
     """asm: the 8 codes of ``word`` as four 16-bit x2 words (elements 0-1, 2-3, 4-5, 6-7, the even
-    element in the low half), times ``scale`` (a 16-bit x2 word) rounded once. Byte planes in
-    operands ``first_plane`` to ``first_plane`` + 7."""
+    element in the low half), times ``scale`` (a 16-bit x2 word) rounded once; the table's own
+    entries where ``scale`` is None. Byte planes in operands ``first_plane`` to ``first_plane`` + 7."""
     planes = dict(zip(("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3"), (f"${first_plane + i}" for i in range(8))))
     half = _LUT_HALF.format(**planes)  # lo, hi: bytes of elements 1, 0, 3, 2 of a half-word
     pairs = "prmt.b32 {0}, lo, hi, 0x4051;\nfma.rn.T {0}, {0}, {2}, nz;\nprmt.b32 {1}, lo, hi, 0x6273;\nfma.rn.T {1}, {1}, {2}, nz;\n"
+    if scale is None:
+        pairs = "prmt.b32 {0}, lo, hi, 0x4051;\nprmt.b32 {1}, lo, hi, 0x6273;\n"
     return (_LUT_SELECT.replace("$8", word) + half + pairs.format(out[0], out[1], scale) + _LUT_NEXT_HALF
             + half + pairs.format(out[2], out[3], scale))
 
@@ -66,6 +68,11 @@ def _mma_asm(dtype: str) -> str:
 
 
 _DECODE_BF16, _DECODE_F16 = tl.constexpr(_decode_asm("bf16")), tl.constexpr(_decode_asm("f16"))
+# Two words (rows g and g + 8: $8, $9) looked up in tables of their blocks' weights (rows g: planes
+# $10-$17, g + 8: $18-$25; ``_decode.block_planes``) to the A operands $0-$7.
+_DECODE_BLOCK_TABLES = tl.constexpr("{\n.reg .b32 s, t, a, b, lo, hi;\n"
+                                    + _word_pairs("$8", None, ("$0", "$2", "$4", "$6"), first_plane=10)
+                                    + _word_pairs("$9", None, ("$1", "$3", "$5", "$7"), first_plane=18) + "}")
 _MMA_BF16, _MMA_F16 = tl.constexpr(_mma_asm("bf16")), tl.constexpr(_mma_asm("f16"))
 
 
@@ -155,6 +162,11 @@ def linear_mma_gemv_kernel(
     # ordinary registers: loaded at a lane-dependent offset (always 0, as K < 2^31), they stay in
     # eight registers, where uniform values would be moved in before every use.
     F16: gl.constexpr = x_ptr.dtype.element_ty == gl.float16
+    # A float16 x on a bfloat16 weight (state.dtype): the contract's weight is dequantize's bfloat16
+    # value (then float16), which x's float16 grid times the absmax misses by up to half a bfloat16
+    # ulp. EXACT builds a table of each block's weights from its absmax (``_decode.block_planes``,
+    # ~4.5 instructions an entry, once per CH words) and looks the weights up in it, with no multiply.
+    EXACT: gl.constexpr = F16 and WEIGHT_DTYPE == gl.bfloat16
     KIND: gl.constexpr = 1 if F16 else 2
     DECODE: gl.constexpr = _DECODE_F16 if F16 else _DECODE_BF16
     MMA: gl.constexpr = _MMA_F16 if F16 else _MMA_BF16
@@ -184,9 +196,21 @@ def linear_mma_gemv_kernel(
                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
         s1 = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, row_block1 + block, w_mask1 & (code < K),
                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
-            DECODE, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,f,f,r,r,r,r,r,r,r,r", [w0, w1, s0, s1, l0, l1, l2, l3, h0, h1, h2, h3],
-            dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+        if EXACT:
+            u0, u1, u2, u3, u4, u5, u6, u7 = gl.inline_asm_elementwise(
+                block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [s0], dtype=(gl.int32,) * 8, is_pure=True,
+                pack=1)
+            v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+                block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [s1], dtype=(gl.int32,) * 8, is_pure=True,
+                pack=1)
+            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+                _DECODE_BLOCK_TABLES, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [w0, w1, u0, u1, u2, u3, u4, u5, u6, u7, v0, v1, v2, v3, v4, v5, v6, v7], dtype=(gl.int32,) * 8,
+                is_pure=True, pack=1)
+        else:
+            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+                DECODE, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,f,f,r,r,r,r,r,r,r,r",
+                [w0, w1, s0, s1, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
         # x's 32-bit pair i of each word: split the last axis (i = 2a + b) on b, then a.
         x_even, x_odd = gl.split(gl.reshape(x, [MT, KS, 8, CH, 4, 2, 2]))
         b0, b2 = gl.split(x_even)
@@ -232,7 +256,7 @@ def _grid(args, config):
 
 
 def _accepts(args):
-    return lut_refusal(args, "linear_mma_gemv", "multiplies 16-bit weights")
+    return lut_refusal(args, "linear_mma_gemv", "multiplies 16-bit weights", block_tables=True)
 
 
 register(Variant(

@@ -23,7 +23,7 @@ x and an NVIDIA GPU of compute capability 9.0 (Hopper: ``wgmma``); no interprete
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_OFFSET, _LUT_STRIDE
+from ._decode import _LUT_OFFSET, _LUT_STRIDE, block_planes
 from ._linear import lut_refusal
 from .linear_lut_gemm import split_k_run
 from .linear_mma_gemv import _absmax, _word_pairs
@@ -50,6 +50,10 @@ def _decode_asm(dtype: str) -> str:
 
 
 _DECODE_BF16, _DECODE_F16 = tl.constexpr(_decode_asm("bf16")), tl.constexpr(_decode_asm("f16"))
+# The same four words looked up in a table of the block's own weights (planes $5-$12:
+# ``_decode.block_planes``), no multiply.
+_DECODE_BLOCK_TABLE = tl.constexpr("{\n.reg .b32 s, t, a, b, lo, hi;\n"
+                                   + _word_pairs("$4", None, ("$0", "$1", "$2", "$3"), first_plane=5) + "}")
 
 
 @gluon.jit
@@ -76,13 +80,22 @@ def _step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blocks_at, w_mask, 
 
 @gluon.jit
 def _decode_into(w_buffer, words, absmax, planes, DECODE: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr):
+                 BLOCK_K: gl.constexpr, QUANT_TYPE: gl.constexpr = 0, EXACT: gl.constexpr = False):
     """Decodes a step's words into ``w_buffer`` (int32 view [BLOCK_N, BLOCK_K // 2]: 16-bit pairs in
-    k order)."""
-    l0, l1, l2, l3, h0, h1, h2, h3 = planes
-    p0, p1, p2, p3 = gl.inline_asm_elementwise(
-        DECODE, "=r,=r,=r,=r,r,f,r,r,r,r,r,r,r,r", [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3],
-        dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+    k order). EXACT (a float16 x on a bfloat16 weight): from a table of each thread group's block
+    weights built from ``absmax`` (``_decode.block_planes``), not from ``planes``."""
+    if EXACT:
+        l0, l1, l2, l3, h0, h1, h2, h3 = gl.inline_asm_elementwise(
+            block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [absmax], dtype=(gl.int32,) * 8,
+            is_pure=True, pack=1)
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(
+            _DECODE_BLOCK_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
+            dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        l0, l1, l2, l3, h0, h1, h2, h3 = planes
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(
+            DECODE, "=r,=r,=r,=r,r,f,r,r,r,r,r,r,r,r", [words, absmax, l0, l1, l2, l3, h0, h1, h2, h3],
+            dtype=(gl.int32,) * 4, is_pure=True, pack=1)
     # [BLOCK_N, GROUPS, CH] x 4 -> [BLOCK_N, GROUPS, CH, 2, 2] (pair 2a + b) -> [BLOCK_N, BLOCK_K // 2]
     pairs = gl.join(gl.join(p0, p2), gl.join(p1, p3))
     w_buffer.store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
@@ -178,6 +191,9 @@ def linear_wgmma_kernel(
     F16: gl.constexpr = X_DTYPE == gl.float16
     KIND: gl.constexpr = 1 if F16 else 2  # the LUT's byte planes (``_format.LUT_KINDS``)
     DECODE: gl.constexpr = _DECODE_F16 if F16 else _DECODE_BF16
+    # A float16 x on a bfloat16 weight: decoded from tables of each block's bfloat16 weights (as
+    # ``linear_mma_gemv`` does), since x's float16 grid times the absmax misses them.
+    EXACT: gl.constexpr = F16 and WEIGHT_DTYPE == gl.bfloat16
 
     # Registers: the words and x's tile (``_word_layout``, ``_x_layout``), the accumulator
     # [BLOCK_N, BLOCK_M] (wgmma's).
@@ -212,7 +228,7 @@ def linear_wgmma_kernel(
                           BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     cp.wait_group(STAGES - 2)  # step 0 has landed (each thread decodes the words it copied)
     _decode_into(w_smem.index(first % 2)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], PAIRS_SHARED),
-                 w_ring.index(first % STAGES).load(LW), absmax, planes, DECODE, BLOCK_N, BLOCK_K)
+                 w_ring.index(first % STAGES).load(LW), absmax, planes, DECODE, BLOCK_N, BLOCK_K, QUANT_TYPE, EXACT)
     absmax = _step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blocks_at, w_mask, g_code, first + 1, K, BLOCK_K,
                           BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     fence_async_shared()
@@ -230,7 +246,8 @@ def linear_wgmma_kernel(
                    step + STAGES - 1, K, BLOCK_K)
         cp.wait_group(STAGES - 2)  # step + 1 has landed
         _decode_into(w_smem.index((step + 1) % 2)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], PAIRS_SHARED),
-                     w_ring.index((step + 1) % STAGES).load(LW), absmax, planes, DECODE, BLOCK_N, BLOCK_K)
+                     w_ring.index((step + 1) % STAGES).load(LW), absmax, planes, DECODE, BLOCK_N, BLOCK_K,
+                     QUANT_TYPE, EXACT)
         absmax = _step_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blocks_at, w_mask, g_code, step + 2, K,
                               BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
         fence_async_shared()
@@ -249,16 +266,17 @@ def _run(args, config):
     split_k_run(linear_wgmma_kernel, _grid, "linear_wgmma", args, config)
 
 
-def cp_async_refusal(args, name: str) -> str | None:
-    """Why ``name`` (this variant or its warp-specialized form) cannot take a problem, or None."""
+def cp_async_refusal(args, name: str, block_tables: bool = False) -> str | None:
+    """Why ``name`` (this variant or its warp-specialized form) cannot take a problem, or None
+    (``block_tables``: it decodes a float16 x on a bfloat16 weight from ``_decode.block_planes``)."""
     if args.x2d.data_ptr() % 16:  # cp.async copies 16-byte pieces; Triton cannot build the kernel otherwise
         return (f"{name} copies x in 16-byte pieces and x's data does not start on a 16-byte boundary: "
                 "pass a contiguous x of its own (x.clone()) or another variant")
-    return lut_refusal(args, name, "multiplies 16-bit weights")
+    return lut_refusal(args, name, "multiplies 16-bit weights", block_tables)
 
 
 def _accepts(args):
-    return cp_async_refusal(args, "linear_wgmma")
+    return cp_async_refusal(args, "linear_wgmma", block_tables=True)
 
 
 def _allowed(config, blocksize):
