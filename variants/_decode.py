@@ -261,6 +261,8 @@ mov.b32 {{{{{{e3}}, {{e2}}}}}}, p;
 _LUT_SCALE = ".reg .b32 p, scale, nzero;\ncvt.rn.{t}x2.f32 scale, $9, $9;\nmov.b32 nzero, 0x80008000;\n"
 _LUT_BF16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="bf16"), _LUT_SCALE.format(t="bf16"))
 _LUT_F16_WEIGHTS = _lut_asm(10, _LUT_WEIGHTS.format(t="f16"), _LUT_SCALE.format(t="f16"))
+
+
 def _f32_immediate(value: float) -> str:
     """``value`` as a PTX float32 immediate (its bits: 0f3F800000 is 1.0)."""
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
@@ -294,6 +296,7 @@ _BLOCK_PLANES = {(qt, f16): _block_planes_asm(table, f16) for qt, table in ((NF4
 def block_planes(quant_type, f16):
     """The asm of ``_block_planes_asm`` for QUANT_TYPE ``quant_type`` (float16 entries where ``f16``)."""
     return _BLOCK_PLANES[(quant_type, f16)]
+
 
 # As compile-time constants for the kernels.
 _LUT_BF16_TO_F32, _LUT_F16_TO_F32, _LUT_BF16_WEIGHTS, _LUT_F16_WEIGHTS = (

@@ -26,7 +26,8 @@ instructions a code (sm_90 SASS; ``PRMT`` 2.3) take ~12 µs to issue at 14336x40
 does not scale with M (the float32 multiply-adds do), so from M = 2-4 the tensor-core variants win.
 
 Codes are looked up on x's 16-bit grid (``_decode``'s register LUT asm) and multiplied in float32
-(the fused family's tolerance, not dequantize's bits). Needs rows of whole quantization blocks
+(the fused family's tolerance, not dequantize's bits); a float16 x on a bfloat16 weight is looked up
+in a table of each block's exact bfloat16 weights instead (EXACT in the kernel). Needs rows of whole quantization blocks
 (K % blocksize == 0), a 16-bit x, and an NVIDIA GPU (Gluon, inline PTX): no interpreter, no AMD.
 """
 
@@ -82,7 +83,7 @@ def _step_loads(absmax_ptr, x_ptr, block_at, block_first, a_mask, x_at, col_x, x
 
 
 @gluon.jit
-def _absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE: gl.constexpr,
+def _step_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE: gl.constexpr,
             NESTED_BLOCKSIZE: gl.constexpr, DOUBLE_QUANT: gl.constexpr, QUADS: gl.constexpr):
     """float32 absmax [BLOCK_N, QUADS] of a step from its entries ``q`` (decoding double quant)."""
     if DOUBLE_QUANT:
@@ -190,8 +191,8 @@ def linear_gemv_gluon_kernel(
         if EXACT:
             b0, b1, b2, b3, b4, b5, b6, b7 = gl.inline_asm_elementwise(
                 block_planes(QUANT_TYPE, False), "=r,=r,=r,=r,=r,=r,=r,=r,f",
-                [_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
-                         NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)],
+                [_step_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
+                              NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)],
                 dtype=(gl.int32,) * 8, is_pure=True, pack=1)
             e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
                 ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
@@ -221,8 +222,8 @@ def linear_gemv_gluon_kernel(
         if EXACT:
             acc += gl.sum(part, axis=3)
         else:
-            absmax = _absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
-                             NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)
+            absmax = _step_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step,
+                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)
             acc = gl.fma(gl.sum(part, axis=3), absmax[None, :, :], acc)
         q, x = next_q, next_x
     cp.wait_group(0)  # the (zero-filling) copies past the last step land before the program ends

@@ -13,7 +13,8 @@ come straight from whole packed words, because the sum over k does not care abou
   one quantization block and one absmax);
 - codes are looked up with PTX ``prmt`` (``_decode``'s byte planes), paired into 16-bit x2 words
   in x's dtype and scaled by the word's absmax in one packed multiply (the fused family's
-  tolerance: the weight is rounded once to x's dtype, as ``linear_lut_tiled`` does);
+  tolerance: the weight is rounded once to x's dtype, as ``linear_lut_tiled`` does); a float16 x
+  on a bfloat16 weight looks them up in a table of the block's exact weights instead (EXACT);
 - two ``mma.sync.m16n8k16`` per word pair, float32 accumulation; the next step's words, absmax
   and x are loaded before this step is decoded.
 
