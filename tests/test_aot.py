@@ -43,8 +43,8 @@ def test_linear_variants_compile(target):
     """Each fused linear kernel compiles ahead of time at its default config and its space's corners
     (smallest and largest tiles) for bfloat16, float16 and float32 x and a float16 x on a bfloat16 weight
     (those its ``accepts`` takes: the register-LUT variants decline float32, most of them the pair);
-    their whole spaces are hundreds of configs
-    each, which the tuner prunes on the card. Split-K's second kernel compiles too."""
+    their whole spaces are hundreds of configs each, which the tuner prunes on the card. Split-K's
+    second kernel compiles too."""
     code = f"""
 import json, types, torch, nf4_explorer
 from nf4_explorer.tuner.aot import TARGETS, compile_config, supports
