@@ -307,6 +307,7 @@ def test_an_entry_whose_variant_declines_gives_way_to_the_next(monkeypatch, tmp_
     x = torch.randn(3, 128, dtype=torch.float16, device=device)
     choice = nf4_explorer.explain_linear(x, packed, state)
     assert (choice.variant, choice.reason) == ("linear_tiled", "tuned (nearest shape)"), choice
+    assert "the nearer linear_lut_gemm entry (shape [32, 128], M bucket 4) cannot take this problem" in choice.detail
     _check("linear_tiled", choice.config, x, packed, state, None)
     _, packed16, state16, _ = _problem(32, 128, 1, torch.float16, device)
     assert nf4_explorer.explain_linear(x, packed16, state16).variant == "linear_lut_gemm"

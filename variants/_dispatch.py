@@ -135,41 +135,47 @@ def _choose_linear(args) -> Choice:
     dtype = _cache.DTYPE_NAMES[args.dtype]
     dtypes = (dtype, _TWIN_DTYPES[dtype]) if dtype in _TWIN_DTYPES else (dtype,)
     same_kind = [e for e in entries if any(_same_format(e, args.weight, d, "linear") for d in dtypes)]
+    # The nearest M bucket first (what wins depends on M far more than on the shape: an exact shape
+    # tuned at M = 8 says nothing about M = 2048), then the exact shape, then x's own dtype over the
+    # other 16-bit one, then the nearest shape in N and in K apart (an up projection is not a down
+    # projection of the same size: split-K suits the one with few output tiles; session 11 measured
+    # Qwen's 18944x3584 at M = 256 at 141.7 µs on the down projection's config).
+    distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
+    far = lambda e: (abs(math.log2(e["shape"][0] / max(args.n, 1)))  # noqa: E731
+                     + abs(math.log2(e["shape"][1] / max(args.k, 1))))
+    rank = lambda e: (distance(e), list(e["shape"]) != [args.n, args.k], e["out_dtype"] != dtype,  # noqa: E731
+                      far(e), -e["size_bucket"], -e["m_bucket"])
+    # Among the entries whose variant takes the problem (a float16 x on a bfloat16 weight, say).
     runnable = _registry.names(args.device, family="linear")
     takes = {name: name in runnable and _registry.get(name).accepts(args) is None
              for name in {e["variant"] for e in same_kind}}
+    passed = ""  # what explain_linear says of a nearer entry passed over
+    nearest = min(same_kind, key=rank) if same_kind else None
+    if nearest is not None and not takes[nearest["variant"]]:
+        passed = (f"; the nearer {nearest['variant']} entry (shape {nearest['shape']}, M bucket "
+                  f"{nearest['m_bucket']}) cannot take this problem")
     same_kind = [e for e in same_kind if takes[e["variant"]]]
-    distance = lambda e: abs(math.log2(e["m_bucket"]) - math.log2(bucket))  # noqa: E731
     if same_kind:
-        # The nearest M bucket first (what wins depends on M far more than on the shape: an exact
-        # shape tuned at M = 8 says nothing about M = 2048), then the exact shape, then x's own
-        # dtype over the other 16-bit one, then the nearest shape in N and in K apart (an up
-        # projection is not a down projection of the same size: split-K suits the one with few
-        # output tiles; session 11 measured Qwen's 18944x3584 at M = 256 at 141.7 µs on the down
-        # projection's config).
-        far = lambda e: (abs(math.log2(e["shape"][0] / max(args.n, 1)))  # noqa: E731
-                         + abs(math.log2(e["shape"][1] / max(args.k, 1))))
-        entry = min(same_kind, key=lambda e: (distance(e), list(e["shape"]) != [args.n, args.k],
-                                              e["out_dtype"] != dtype, far(e), -e["size_bucket"], -e["m_bucket"]))
+        entry = min(same_kind, key=rank)
         if entry["out_dtype"] != dtype:
             return Choice(entry["variant"], dict(entry["config"]), "tuned (other 16-bit dtype)", source,
                           _tier(entry, f"a {entry['out_dtype']} entry, shape {entry['shape']} M bucket "
-                                       f"{entry['m_bucket']}, for {dtype} x [{args.n}, {args.k}] M = {args.m}"))
+                                       f"{entry['m_bucket']}, for {dtype} x [{args.n}, {args.k}] M = {args.m}{passed}"))
         if list(entry["shape"]) == [args.n, args.k]:
             reason = "tuned (exact)" if entry["m_bucket"] == bucket else "tuned (nearest M bucket)"
             return Choice(entry["variant"], dict(entry["config"]), reason, source,
-                          _tier(entry, f"shape [{args.n}, {args.k}], M bucket {entry['m_bucket']} for M = {args.m}"))
+                          _tier(entry, f"shape [{args.n}, {args.k}], M bucket {entry['m_bucket']} for M = "
+                                       f"{args.m}{passed}"))
         return Choice(entry["variant"], dict(entry["config"]), "tuned (nearest shape)", source,
                       _tier(entry, f"tuned shape {entry['shape']} M bucket {entry['m_bucket']} for "
-                                   f"[{args.n}, {args.k}] M = {args.m}"))
-    if args.m <= LINEAR_MMA_MAX_M and LINEAR_MMA in _registry.names(args.device, family="linear"):
+                                   f"[{args.n}, {args.k}] M = {args.m}{passed}"))
+    if args.m <= LINEAR_MMA_MAX_M and LINEAR_MMA in runnable:
         variant = _registry.get(LINEAR_MMA)
         if variant.accepts(args) is None:
-            return Choice(variant.name, variant.default_config(args.blocksize), "default")
+            return Choice(variant.name, variant.default_config(args.blocksize), "default", detail=passed[2:])
     small = args.m <= LINEAR_GEMV_MAX_M and args.n * args.k <= LINEAR_GEMV_MAX_WEIGHTS
-    name = "linear_gemv" if small else LINEAR_FALLBACK
-    variant = _registry.get(name)
-    return Choice(variant.name, variant.default_config(args.blocksize), "default")
+    variant = _registry.get("linear_gemv" if small else LINEAR_FALLBACK)
+    return Choice(variant.name, variant.default_config(args.blocksize), "default", detail=passed[2:])
 
 
 def _tier(entry: dict, detail: str) -> str:
