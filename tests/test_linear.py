@@ -313,6 +313,30 @@ def test_an_entry_whose_variant_declines_gives_way_to_the_next(monkeypatch, tmp_
     assert nf4_explorer.explain_linear(x, packed16, state16).variant == "linear_lut_gemm"
 
 
+def test_an_unaligned_x_is_its_own_problem(monkeypatch, tmp_path, device):
+    """A variant that declines an x not on a 16-byte boundary (as the cp.async kernels do) keeps its
+    entry for aligned calls of the same problem before and after an unaligned one: the choice is
+    remembered per alignment, not once for both."""
+    import dataclasses
+
+    from nf4_explorer import _registry
+
+    tiled = _registry.get("linear_tiled")
+    picky = dataclasses.replace(tiled, accepts=lambda args: "unaligned x" if args.x2d.data_ptr() % 16 else None)
+    monkeypatch.setitem(_registry._REGISTRY, "linear_tiled", picky)
+    _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([32, 128], 4, "linear_tiled")])
+    _, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
+    storage = torch.randn(4 * 128 + 1, dtype=torch.bfloat16, device=device)
+    aligned, unaligned = storage[:4 * 128].view(4, 128), storage[1:].view(4, 128)
+    assert nf4_explorer.explain_linear(aligned, packed, state).variant == "linear_tiled"
+    choice = nf4_explorer.explain_linear(unaligned, packed, state)
+    assert choice.variant != "linear_tiled" and "cannot take this problem" in choice.detail, choice
+    assert nf4_explorer.explain_linear(aligned, packed, state).variant == "linear_tiled"
+    reference = tuning.reference_linear(unaligned, packed, state)
+    error = (nf4_explorer.linear(unaligned, packed, state).double() - reference).abs().max().item()
+    assert error <= tuning.tolerance(unaligned, packed, state, reference=reference)
+
+
 def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):
     """Untuned shapes take the tuned shape nearest in N and in K, not just in size: an up projection
     (N > K) the up projection's entry, a down projection the down projection's."""

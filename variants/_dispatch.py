@@ -187,10 +187,10 @@ def _tier(entry: dict, detail: str) -> str:
 
 
 def _problem_key(args, family: str) -> tuple:
-    if family == "linear":
+    if family == "linear":  # x's 16-byte alignment too: the cp.async kernels decline an unaligned x
         w = args.weight
         return (args.device, family, w.quant_type, w.blocksize, w.double_quant, w.out_dtype, args.dtype, args.n,
-                args.k, m_bucket(args.m))
+                args.k, m_bucket(args.m), args.x2d.data_ptr() % 16 == 0)
     return (args.device, family, args.quant_type, args.blocksize, args.double_quant, args.out_dtype, args.n_rows,
             args.n_cols)
 
