@@ -337,7 +337,9 @@ def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.
     if args.m == 0:
         return x.new_empty((*x.shape[:-1], args.n))
     _run(args, "linear", *_resolve(args, "linear", variant, config))
-    if key is not None and x.is_contiguous() and args.bias is bias:  # no copy of x or bias was needed
+    # A plan from a call that needed no copy of x or bias, and whose x was aligned (a plan does not
+    # look at alignment: one made on an unaligned x would keep its fallback for aligned calls).
+    if key is not None and x.is_contiguous() and args.bias is bias and not x.data_ptr() % 16:
         _remember_plan(key, args)
     return args.result()
 
