@@ -34,8 +34,9 @@ in a table of each block's exact bfloat16 weights instead (EXACT in the kernel).
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_F16_TO_F32, _LUT_OFFSET, _LUT_STRIDE, _lut_asm, block_planes
+from ._decode import _LUT_F16_TO_F32, _LUT_OFFSET, _LUT_STRIDE, _lut_asm
 from ._linear import lut_refusal
+from .linear_mma_gemv import _block_table
 from ._registry import Variant, VariantUnavailable, register
 
 # float32 from plain bfloat16 planes (``_format.LUT_KINDS`` "bf16"): two codes paired into a
@@ -189,11 +190,9 @@ def linear_gemv_gluon_kernel(
         cp.wait_group(STAGES - 1)
         words = ring.index(step % STAGES).load(LW)
         if EXACT:
-            b0, b1, b2, b3, b4, b5, b6, b7 = gl.inline_asm_elementwise(
-                block_planes(QUANT_TYPE, False), "=r,=r,=r,=r,=r,=r,=r,=r,f",
-                [_step_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
-                              NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS)],
-                dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _block_table(
+                _step_absmax(q, code2_ptr, absmax2_ptr, offset, block_at, block_first, a_mask, step, BLOCKSIZE,
+                             NESTED_BLOCKSIZE, DOUBLE_QUANT, QUADS), QUANT_TYPE, False)
             e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
                 ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                 [words, _quads(b0, LW), _quads(b1, LW), _quads(b2, LW), _quads(b3, LW), _quads(b4, LW),

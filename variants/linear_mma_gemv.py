@@ -87,6 +87,14 @@ def _axis(layout, dim, rank):
 
 
 @gluon.jit
+def _block_table(absmax, QUANT_TYPE: gl.constexpr, F16: gl.constexpr):
+    """The eight byte planes of each block's own weights (``_decode.block_planes``: dequantize's
+    bfloat16 values, as float16 where F16) from its float32 ``absmax``, one table a thread and block."""
+    return gl.inline_asm_elementwise(block_planes(QUANT_TYPE, F16), "=r,=r,=r,=r,=r,=r,=r,=r,f", [absmax],
+                                     dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, block, mask, NESTED_BLOCKSIZE: gl.constexpr,
             DOUBLE_QUANT: gl.constexpr):
     """float32 absmax of quantization blocks ``block`` (decoding double quant)."""
@@ -198,12 +206,8 @@ def linear_mma_gemv_kernel(
         s1 = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, row_block1 + block, w_mask1 & (code < K),
                      NESTED_BLOCKSIZE, DOUBLE_QUANT)
         if EXACT:
-            u0, u1, u2, u3, u4, u5, u6, u7 = gl.inline_asm_elementwise(
-                block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [s0], dtype=(gl.int32,) * 8, is_pure=True,
-                pack=1)
-            v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-                block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [s1], dtype=(gl.int32,) * 8, is_pure=True,
-                pack=1)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _block_table(s0, QUANT_TYPE, True)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _block_table(s1, QUANT_TYPE, True)
             a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
                 _DECODE_BLOCK_TABLES, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                 [w0, w1, u0, u1, u2, u3, u4, u5, u6, u7, v0, v1, v2, v3, v4, v5, v6, v7], dtype=(gl.int32,) * 8,

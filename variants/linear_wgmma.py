@@ -23,10 +23,10 @@ x and an NVIDIA GPU of compute capability 9.0 (Hopper: ``wgmma``); no interprete
 import triton
 import triton.language as tl
 
-from ._decode import _LUT_OFFSET, _LUT_STRIDE, block_planes
+from ._decode import _LUT_OFFSET, _LUT_STRIDE
 from ._linear import lut_refusal
 from .linear_lut_gemm import split_k_run
-from .linear_mma_gemv import _absmax, _word_pairs
+from .linear_mma_gemv import _absmax, _block_table, _word_pairs
 from ._registry import SHARED_MEMORY_LIMIT, Variant, VariantUnavailable, register
 
 try:  # Gluon as this file uses it ships with Triton 3.6
@@ -83,11 +83,9 @@ def _decode_into(w_buffer, words, absmax, planes, DECODE: gl.constexpr, BLOCK_N:
                  BLOCK_K: gl.constexpr, QUANT_TYPE: gl.constexpr = 0, EXACT: gl.constexpr = False):
     """Decodes a step's words into ``w_buffer`` (int32 view [BLOCK_N, BLOCK_K // 2]: 16-bit pairs in
     k order). EXACT (a float16 x on a bfloat16 weight): from a table of each thread group's block
-    weights built from ``absmax`` (``_decode.block_planes``), not from ``planes``."""
+    weights built from ``absmax`` (``_block_table``), not from ``planes``."""
     if EXACT:
-        l0, l1, l2, l3, h0, h1, h2, h3 = gl.inline_asm_elementwise(
-            block_planes(QUANT_TYPE, True), "=r,=r,=r,=r,=r,=r,=r,=r,f", [absmax], dtype=(gl.int32,) * 8,
-            is_pure=True, pack=1)
+        l0, l1, l2, l3, h0, h1, h2, h3 = _block_table(absmax, QUANT_TYPE, True)
         p0, p1, p2, p3 = gl.inline_asm_elementwise(
             _DECODE_BLOCK_TABLE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
             dtype=(gl.int32,) * 4, is_pure=True, pack=1)
