@@ -107,8 +107,9 @@ def kernel_hash(variant_name: str) -> str:
     """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
     module (kernel, helpers, grid, space), the variant modules it imports helpers from, the shared
     device code (``_decode``), the compile options, the family's argument builder (what the kernel
-    is called with) and the space, their code only (:func:`code_only`). An edit of that code marks its tuned entries stale; an edit of comments or
-    docstrings, validation, dispatch or file handling does not."""
+    is called with) and the space, their code only (:func:`code_only`). An edit of that code marks
+    its tuned entries stale; an edit of comments or docstrings, validation, dispatch or file
+    handling does not."""
     import sys
 
     from . import _decode, _format, _launch, _linear, _registry
