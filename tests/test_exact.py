@@ -100,3 +100,28 @@ def test_variant_follows_the_shared_kernel_interface(name):
                               "out_ptr", "n", "n_rows", "n_cols"]
     assert arg_names[10:14] == ["BLOCKSIZE", "NESTED_BLOCKSIZE", "QUANT_TYPE", "DOUBLE_QUANT"]
     assert set(arg_names[14:]) == set(variant.space) - {"num_warps", "num_stages"}
+
+
+@pytest.mark.parametrize("name", nf4_explorer.names())
+def test_variant_exact_on_unaligned_views(name, device):
+    """State tensors and ``out`` that are views starting off a 16-byte boundary (slices of larger
+    buffers): the same bits. Kernels read the absmax codes as 32-bit words (a misaligned access would
+    be a sticky CUDA error), so validation gives such tensors a buffer of their own."""
+    skip_if_unavailable(name, device)
+    weight = torch.randn((9, 1000), dtype=torch.bfloat16, device=device) * 3
+    packed, state = nf4_explorer.quantize(weight, blocksize=64, double_quant=True, quant_type="nf4")
+    expected = nf4_explorer.reference_dequantize(packed, state)
+
+    def shifted(t, by):  # the same values, at ``by`` elements into a buffer of their own
+        buffer = torch.empty(t.numel() + by, dtype=t.dtype, device=t.device)
+        buffer[by:] = t.flatten()
+        return buffer[by:].view(t.shape)
+
+    state.absmax, state.state2.code, state.state2.absmax = (
+        shifted(state.absmax, 3), shifted(state.state2.code, 1), shifted(state.state2.absmax, 1))
+    packed = shifted(packed, 5)
+    assert all(t.data_ptr() % 16 for t in (packed, state.absmax, state.state2.code, state.state2.absmax))
+    for _ in range(2):  # the first call compiles, the second takes the kept launch
+        out = shifted(poisoned(tuple(state.shape), torch.bfloat16, device), 1)
+        nf4_explorer.dequantize(packed, state, out=out, variant=name)
+        assert_bit_equal(out, expected, f"{name}, unaligned state tensors and out")

@@ -337,6 +337,33 @@ def test_an_unaligned_x_is_its_own_problem(monkeypatch, tmp_path, device):
     assert error <= tuning.tolerance(unaligned, packed, state, reference=reference)
 
 
+@pytest.mark.parametrize("offset", [1, 2, 4])
+def test_every_variant_computes_an_unaligned_x_or_declines_it(offset, device):
+    """x and the absmax as views starting off a 16-byte boundary (x at 2, 4 or 8 bytes in): each
+    variant declines such an x with a reason or computes it within the contract (a misaligned
+    vector load would be a sticky CUDA error, the process's GPU lost), and so does the dispatcher."""
+    m, n, k = 4, 64, 256
+    _, packed, state, _ = _problem(n, k, m, torch.bfloat16, device)
+    storage = torch.randn(m * k + offset, dtype=torch.bfloat16, device=device)
+    x = storage[offset:].view(m, k)
+    codes = torch.empty(state.absmax.numel() + 3, dtype=torch.uint8, device=device)
+    codes[3:] = state.absmax
+    state.absmax = codes[3:]
+    reference = tuning.reference_linear(x, packed, state)
+    bound = tuning.tolerance(x, packed, state, reference=reference)
+    ran = []
+    for name in [None, *nf4_explorer.names(device, family="linear")]:
+        try:
+            y = nf4_explorer.linear(x, packed, state, variant=name)
+        except ValueError as exc:
+            assert name is not None and name in str(exc), exc  # a decline names the variant and why
+            continue
+        error = (y.double() - reference).abs().max().item()
+        assert error <= bound, f"{name or 'the dispatcher'}: error {error} over the bound {bound}"
+        ran.append(name)
+    assert None in ran and len(ran) > 2, ran
+
+
 def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):
     """Untuned shapes take the tuned shape nearest in N and in K, not just in size: an up projection
     (N > K) the up projection's entry, a down projection the down projection's."""

@@ -265,3 +265,22 @@ def test_show_marks_malformed_entries(config_dir, capsys):
     (listed,) = json.loads(capsys.readouterr().out)
     statuses = [row["status"] for row in listed["entries"]]
     assert statuses[0].startswith("ignored: malformed entry (shape is 5") and statuses[1] == "ok"
+
+
+def test_the_shipped_entries_are_valid_for_this_code():
+    """Every entry of the tuned files in the package is usable with this code. A kernel edit that
+    marks entries stale costs their card the tuned speed with no error anywhere: re-tune them on
+    that card, or re-stamp them where the compiled kernel is shown unchanged (docs/performance.md)."""
+    import importlib.resources
+    from pathlib import Path
+
+    directory = Path(str(importlib.resources.files("nf4_explorer.tuned_configs")))
+    files = sorted(directory.glob("*.json"))
+    assert files, f"no tuned files in {directory}"
+    registered = set(nf4_explorer.names(family=None))
+    for path in files:
+        entries = json.loads(path.read_text())["entries"]
+        problems = [f"{entry['variant']} {entry.get('family', 'dequantize')} {entry['shape']}: {problem}"
+                    for entry in entries if entry["variant"] in registered
+                    for problem in [_cache.entry_problem(entry)] if problem is not None]
+        assert not problems, f"{path.name}: {len(problems)} of {len(entries)} entries unusable, e.g. {problems[:3]}"

@@ -261,6 +261,52 @@ def test_a_kernel_hash_covers_the_variant_modules_it_imports(monkeypatch):
     assert _cache._variant_imports(modules["pkg.c"]) == []
 
 
+def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
+    """Of the shared module (``_decode``) a hash covers what the variant's modules import from it and
+    what that uses in turn, table values included: an edit elsewhere leaves its entries valid."""
+    import inspect
+    import sys
+    import types
+
+    shared_source = ('"""Doc."""\nimport struct\nfrom ._format import TABLE\nA = 1\nB = A + 1\nA += 1\n\n\n'
+                     '@jit\ndef f():\n    return B\n\n\ndef g():\n    return struct.pack\n\n\nsetup(2)\nC = TABLE\n')
+    sources = {"pkg._shared": shared_source, "pkg.a": "from ._shared import (\n    f,\n)\n",
+               "pkg.b": "from ._shared import C\n", "pkg.c": "from . import _shared\n"}
+    modules = {name: types.ModuleType(name) for name in sources}
+    modules["pkg._shared"].TABLE = (0.5, -1.0)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    original = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda obj: sources[obj.__name__] if getattr(obj, "__name__", None) in sources else original(obj))
+    shared = modules["pkg._shared"]
+    assert _cache.used_code(shared, [modules["pkg.a"]]) == "@jit\ndef f():\n    return B".join(
+        ("A = 1\nB = A + 1\nA += 1\n", "\nsetup(2)"))  # f, what it uses, the bare call; not g
+    assert _cache.used_code(shared, [modules["pkg.b"]]) == (
+        "from ._format import TABLE\nTABLE = (0.5, -1.0)\nsetup(2)\nC = TABLE")
+    assert _cache.used_code(shared, [modules["pkg.a"], modules["pkg.c"]]) == _cache.code_only(shared_source)
+
+    # The real ones: _f32_immediate builds block_planes' asm (linear_mma_gemv), not per_row's helpers;
+    # _select8 is under per_row's dequantize_codes, not under linear_mma_gemv's imports.
+    from nf4_explorer import _decode
+
+    names = ("linear_mma_gemv", "per_row", "phase_split")
+    before = {name: _cache.kernel_hash(name) for name in names}
+    for old, new, changed in (('"0f%08X"', '"0f%08x"', {"linear_mma_gemv"}),
+                              ("b0 = (code & 1) != 0", "b0 = (code & 1) == 1", {"per_row"}),
+                              ("# QUANT_TYPE constexpr values.", "# QUANT_TYPE values.", set())):
+        source = original(_decode)
+        assert old in source
+        monkeypatch.setattr(inspect, "getsource", lambda obj, source=source.replace(old, new):
+                            source if obj is _decode else original(obj))
+        _cache.kernel_hash.cache_clear()
+        try:
+            assert {name for name in names if _cache.kernel_hash(name) != before[name]} == changed
+        finally:
+            monkeypatch.setattr(inspect, "getsource", original)
+            _cache.kernel_hash.cache_clear()
+
+
 def test_an_edit_of_comments_or_docstrings_leaves_the_entries_valid(monkeypatch):
     """The kernel hash covers code only: prose edits keep a tuned file's entries (and its studies)."""
     import inspect

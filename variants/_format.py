@@ -282,10 +282,12 @@ def _raise_device_mismatch(device, absmax, code2, absmax2, offset, out):
     )
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    # Non-contiguous inputs are copied (documented): dequantization reads each byte once, so a
-    # copy costs one extra pass but never a wrong result.
-    return t if t.is_contiguous() else t.contiguous()
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # Kernels read the weight's tensors flat, as aligned 32-bit words and vectors (phase_split reads
+    # uint8 absmax codes as words): a non-contiguous tensor, or a view whose data starts off a 16-byte
+    # boundary (a slice of a larger buffer), is copied to a buffer of its own (documented): one extra
+    # pass, never a wrong result or a misaligned access.
+    return t if t.is_contiguous() and not t.data_ptr() % 16 else t.clone(memory_format=torch.contiguous_format)
 
 
 # The host path. A steady-state call validates the same weight again and again: the checks below
@@ -455,19 +457,15 @@ def prepare(
             "in Triton's interpreter with TRITON_INTERPRET=1 set before triton is imported "
             "(nf4_explorer.reference_dequantize is the pure-PyTorch path)"
         )
-    packed = _contiguous(packed)
-    if packed.data_ptr() % 16:
-        # Kernels read packed bytes as aligned 32-bit words and vectors; an unaligned view (a
-        # slice starting mid-buffer) is copied once to an aligned buffer.
-        packed = packed.clone()
+    packed = _aligned(packed)
     n_cols = shape[-1] if len(shape) else 1
     # Kernels index flat memory through data pointers: contiguous tensors need no reshaping (views
     # cost microseconds per call, which matter at small shapes).
     args = DequantArgs(
         packed=packed,
-        absmax=_contiguous(absmax),
-        code2=_contiguous(code2),
-        absmax2=_contiguous(absmax2),
+        absmax=_aligned(absmax),
+        code2=_aligned(code2),
+        absmax2=_aligned(absmax2),
         offset=offset,
         out=None,
         n=n,

@@ -29,6 +29,9 @@ def _accepts(args):
         return "linear_bitsandbytes needs the nested blocksize 256 of bitsandbytes' double quantization"
     if args.weight.out_dtype != args.dtype:
         return "linear_bitsandbytes decodes the weight in x's dtype: the state's dtype must be x's"
+    if args.x.data_ptr() % 16:  # its kernel faults on x at 2-8 bytes past a boundary (H200, session 20)
+        return ("linear_bitsandbytes runs bitsandbytes' kernel, which needs x's data on a 16-byte boundary: pass "
+                "a contiguous x of its own (x.clone()) or another variant")
     if _kernel() is None:
         return "linear_bitsandbytes needs bitsandbytes 0.50 with its CUDA backend (pip install bitsandbytes)"
     return None

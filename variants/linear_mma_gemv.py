@@ -261,6 +261,9 @@ def _grid(args, config):
 
 
 def _accepts(args):
+    if args.x2d.data_ptr() % 4:  # x is read as 32-bit pairs (a misaligned load is a sticky CUDA error)
+        return ("linear_mma_gemv reads x as pairs of 16-bit values and x's data does not start on a 4-byte "
+                "boundary: pass a contiguous x of its own (x.clone()) or another variant")
     return lut_refusal(args, "linear_mma_gemv", "multiplies 16-bit weights", block_tables=True)
 
 
