@@ -262,13 +262,14 @@ def test_a_kernel_hash_covers_the_variant_modules_it_imports(monkeypatch):
 
 
 def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
-    """Of the shared module (``_decode``) a hash covers what the variant's modules import from it and
-    what that uses in turn, table values included: an edit elsewhere leaves its entries valid."""
+    """Of the shared device code (``_decode``) and of sibling variant modules, a hash covers what the
+    variant's modules import and what that uses in turn (table values, and calls that change a
+    used object, included): an edit elsewhere leaves its entries valid."""
     import inspect
     import sys
     import types
 
-    shared_source = ('"""Doc."""\nimport struct\nfrom ._format import TABLE\nA = 1\nB = A + 1\nA += 1\n\n\n'
+    shared_source = ('"""Doc."""\nimport struct\nfrom ._format import TABLE\nA = 1\nB = [A]\nB.append(A + 1)\n\n\n'
                      '@jit\ndef f():\n    return B\n\n\ndef g():\n    return struct.pack\n\n\nsetup(2)\nC = TABLE\n')
     sources = {"pkg._shared": shared_source, "pkg.a": "from ._shared import (\n    f,\n)\n",
                "pkg.b": "from ._shared import C\n", "pkg.c": "from . import _shared\n"}
@@ -280,28 +281,34 @@ def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
     monkeypatch.setattr(inspect, "getsource",
                         lambda obj: sources[obj.__name__] if getattr(obj, "__name__", None) in sources else original(obj))
     shared = modules["pkg._shared"]
-    assert _cache.used_code(shared, [modules["pkg.a"]]) == "@jit\ndef f():\n    return B".join(
-        ("A = 1\nB = A + 1\nA += 1\n", "\nsetup(2)"))  # f, what it uses, the bare call; not g
-    assert _cache.used_code(shared, [modules["pkg.b"]]) == (
-        "from ._format import TABLE\nTABLE = (0.5, -1.0)\nsetup(2)\nC = TABLE")
+    # f, what it uses, the call that changes B; not g, its import, the unrelated call
+    assert _cache.used_code(shared, [modules["pkg.a"]]) == "A = 1\nB = [A]\nB.append(A + 1)\n@jit\ndef f():\n    return B"
+    assert _cache.used_code(shared, [modules["pkg.b"]]) == "from ._format import TABLE\nTABLE = (0.5, -1.0)\nC = TABLE"
     assert _cache.used_code(shared, [modules["pkg.a"], modules["pkg.c"]]) == _cache.code_only(shared_source)
+    monkeypatch.setattr(inspect, "getsource", original)
 
-    # The real ones: _f32_immediate builds block_planes' asm (linear_mma_gemv), not per_row's helpers;
-    # _select8 is under per_row's dequantize_codes, not under linear_mma_gemv's imports.
+    # The real ones: _f32_immediate builds block_planes' asm (linear_mma_gemv's), not per_row's helpers;
+    # _select8 is under per_row's dequantize_codes only; linear_gemv_gluon takes _block_table from
+    # linear_mma_gemv, not its checks.
+    import nf4_explorer.linear_mma_gemv as mma_gemv
     from nf4_explorer import _decode
 
-    names = ("linear_mma_gemv", "per_row", "phase_split")
+    names = ("linear_mma_gemv", "linear_gemv_gluon", "per_row", "phase_split")
     before = {name: _cache.kernel_hash(name) for name in names}
-    for old, new, changed in (('"0f%08X"', '"0f%08x"', {"linear_mma_gemv"}),
-                              ("b0 = (code & 1) != 0", "b0 = (code & 1) == 1", {"per_row"}),
-                              ("# QUANT_TYPE constexpr values.", "# QUANT_TYPE values.", set())):
-        source = original(_decode)
-        assert old in source
-        monkeypatch.setattr(inspect, "getsource", lambda obj, source=source.replace(old, new):
-                            source if obj is _decode else original(obj))
+    for module, old, new, changed in (
+            (_decode, '"0f%08X"', '"0f%08x"', {"linear_mma_gemv", "linear_gemv_gluon"}),
+            (_decode, "b0 = (code & 1) != 0", "b0 = (code & 1) == 1", {"per_row"}),
+            (_decode, "# QUANT_TYPE constexpr values.", "# QUANT_TYPE values.", set()),
+            (mma_gemv, "reads x as pairs of 16-bit values", "reads x in pairs", {"linear_mma_gemv"}),
+            (mma_gemv, 'is_pure=True, pack=1)\n\n\n@gluon.jit\ndef _absmax',
+             'is_pure=False, pack=1)\n\n\n@gluon.jit\ndef _absmax', {"linear_mma_gemv", "linear_gemv_gluon"})):
+        source = original(module)
+        assert old in source, old
+        monkeypatch.setattr(inspect, "getsource", lambda obj, module=module, source=source.replace(old, new):
+                            source if obj is module else original(obj))
         _cache.kernel_hash.cache_clear()
         try:
-            assert {name for name in names if _cache.kernel_hash(name) != before[name]} == changed
+            assert {name for name in names if _cache.kernel_hash(name) != before[name]} == changed, old
         finally:
             monkeypatch.setattr(inspect, "getsource", original)
             _cache.kernel_hash.cache_clear()

@@ -105,12 +105,12 @@ def find_file(name: str) -> Path | None:
 @functools.lru_cache(maxsize=None)
 def kernel_hash(variant_name: str) -> str:
     """sha256 (16 hex digits) of everything that shapes a variant's compiled kernel: its whole
-    module (kernel, helpers, grid, space), the variant modules it imports helpers from, the shared
-    device code it uses (the definitions of ``_decode`` those modules import, and what they use in
+    module (kernel, helpers, grid, space), what it takes from the variant modules it imports helpers
+    from and from the shared device code ``_decode`` (the definitions imported, and what they use in
     turn: :func:`used_code`), the compile options, the family's argument builder (what the kernel
     is called with) and the space, their code only (:func:`code_only`). An edit of that code marks
-    its tuned entries stale; an edit of comments or docstrings, of ``_decode`` code the variant does
-    not use, of validation, dispatch or file handling does not."""
+    its tuned entries stale; an edit of comments or docstrings, of code elsewhere in those modules
+    (another variant's checks), of validation, dispatch or file handling does not."""
     import sys
 
     from . import _decode, _format, _launch, _linear, _registry
@@ -123,9 +123,10 @@ def kernel_hash(variant_name: str) -> str:
                     _format.problem_constexprs)
     else:
         builders = (_format.DequantArgs.kernel_arguments, _format.device_table, _format.problem_constexprs)
-    modules = (module, *_variant_imports(module))
-    sources = (*modules, _launch.launch_options, *builders)
-    parts = [*(code_only(inspect.getsource(source)) for source in sources), used_code(_decode, modules),
+    siblings = _variant_imports(module)
+    modules = (module, *siblings)
+    parts = [code_only(inspect.getsource(module)), *(used_code(sibling, modules) for sibling in siblings),
+             used_code(_decode, modules), *(code_only(inspect.getsource(b)) for b in (_launch.launch_options, *builders)),
              repr(sorted(variant.space.items()))]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
@@ -152,13 +153,13 @@ def _variant_imports(module) -> list:
 def used_code(shared, modules) -> str:
     """The code (:func:`code_only`) of the top-level statements of module ``shared`` that ``modules``
     take from it (``from ._decode import lut_values``), with every statement of ``shared`` that
-    those use in turn, in file order; a statement that names nothing (a bare call) always counts.
-    The values of plain-data names ``shared`` imports itself (``NF4_TABLE``) count too. A module
-    that reaches ``shared`` otherwise (``from . import _decode``) counts the whole of it."""
+    those use in turn, in file order. A statement that defines nothing (a call) counts when it uses
+    a name that counts (it may change that object); the values of plain-data names ``shared``
+    imports itself (``NF4_TABLE``) count too. A module that reaches ``shared`` otherwise
+    (``from . import _decode``) counts the whole of it."""
     import ast
 
     source = inspect.getsource(shared)
-    tree = ast.parse(source)
     wanted, short = set(), shared.__name__.rpartition(".")[2]
     for module in modules:
         for node in ast.walk(ast.parse(inspect.getsource(module))):
@@ -167,41 +168,46 @@ def used_code(shared, modules) -> str:
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and any(
                     short in (alias.name, alias.asname) or alias.name.endswith(f".{short}") for alias in node.names):
                 return code_only(source)
-    statements, defining = [], {}
-    for statement in tree.body:
-        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-            continue  # the module's docstring
-        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names = {statement.name}
-        elif isinstance(statement, (ast.Import, ast.ImportFrom)):
-            names = {(alias.asname or alias.name).partition(".")[0] for alias in statement.names}
-        else:
-            names = {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)
-                     and isinstance(node.ctx, ast.Store)}
-        used = {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)} - names
-        statements.append((statement, names, used))
-        for name in names:
-            defining.setdefault(name, []).append(len(statements) - 1)
-    kept = {i for i, (_, names, _) in enumerate(statements) if not names}
-    todo = set(wanted).union(*(statements[i][2] for i in kept))
-    seen = set()
+    statements = [statement for statement in ast.parse(source).body  # less the module's docstring
+                  if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))]
+    defines = [_defined_names(statement) for statement in statements]
+    uses = [{node.id for node in ast.walk(statement) if isinstance(node, ast.Name)} for statement in statements]
+    kept, kept_names, todo = set(), set(), set(wanted)
     while todo:
         name = todo.pop()
-        seen.add(name)
-        for i in defining.get(name, ()):
-            if i not in kept:
+        kept_names.add(name)
+        for i, statement in enumerate(statements):
+            if i not in kept and (name in defines[i] or (not defines[i] and name in uses[i])):
                 kept.add(i)
-                todo |= statements[i][2] - seen
+                todo |= uses[i] - kept_names
     lines = source.splitlines(keepends=True)
     parts = []
     for i in sorted(kept):
-        statement, names, _ = statements[i]
+        statement = statements[i]
         first = min([statement.lineno] + [d.lineno for d in getattr(statement, "decorator_list", [])])
         parts.append(code_only("".join(lines[first - 1:statement.end_lineno])))
         if isinstance(statement, ast.ImportFrom):
-            parts += [f"{name} = {getattr(shared, name)!r}" for name in sorted(names & seen)
+            parts += [f"{name} = {getattr(shared, name)!r}" for name in sorted(defines[i] & kept_names)
                       if isinstance(getattr(shared, name, None), (int, float, str, tuple, dict))]
     return "\n".join(parts)
+
+
+def _defined_names(statement) -> set[str]:
+    """The module-level names a top-level statement binds (a def or class its name; an import, an
+    assignment, or a try/if block of them, every name bound in it)."""
+    import ast
+
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    names = set()
+    for node in ast.walk(statement):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).partition(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+    return names
 
 
 _STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
