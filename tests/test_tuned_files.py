@@ -269,8 +269,9 @@ def test_show_marks_malformed_entries(config_dir, capsys):
 
 def test_the_shipped_entries_are_valid_for_this_code():
     """Every entry of the tuned files in the package is usable with this code. A kernel edit that
-    marks entries stale costs their card the tuned speed with no error anywhere: re-tune them on
-    that card, or re-stamp them where the compiled kernel is shown unchanged (docs/performance.md)."""
+    marks entries stale costs their card the tuned speed with no error anywhere: re-stamp the
+    entries whose compiled kernels did not change (``python scripts/restamp.py``, no GPU needed)
+    and re-tune the others on their card."""
     import importlib.resources
     from pathlib import Path
 
@@ -283,4 +284,5 @@ def test_the_shipped_entries_are_valid_for_this_code():
         problems = [f"{entry['variant']} {entry.get('family', 'dequantize')} {entry['shape']}: {problem}"
                     for entry in entries if entry["variant"] in registered
                     for problem in [_cache.entry_problem(entry)] if problem is not None]
-        assert not problems, f"{path.name}: {len(problems)} of {len(entries)} entries unusable, e.g. {problems[:3]}"
+        assert not problems, (f"{path.name}: {len(problems)} of {len(entries)} entries unusable, e.g. {problems[:3]}: "
+                              "python scripts/restamp.py re-stamps those whose kernels compile as before")

@@ -42,9 +42,11 @@ def signature(kernel, out_dtype: str, double_quant: bool) -> dict:
 def compile_config(
     name: str, config: dict, target: GPUTarget, *, out_dtype: str = "bfloat16", double_quant: bool = True,
     blocksize: int = 64, quant_type: str = "nf4", aligned: bool = True, weight_dtype: str | None = None,
+    bias: bool = True,
 ):
     """Compiles variant ``name`` at ``config`` for ``target``; returns Triton's CompiledKernel.
-    ``weight_dtype``: a linear kernel's WEIGHT_DTYPE (the state's dtype), x's dtype where None.
+    ``weight_dtype``: a linear kernel's WEIGHT_DTYPE (the state's dtype), x's dtype where None;
+    ``bias``: a linear kernel's HAS_BIAS.
 
     ``aligned`` marks every pointer and size divisible by 16, as Triton specializes them at run
     time for aligned tensors and sizes (this is what makes 16-byte accesses possible).
@@ -59,7 +61,7 @@ def compile_config(
     if variant.family == "linear":
         import triton.language as tl
 
-        constexprs.update(HAS_BIAS=True, WEIGHT_DTYPE=getattr(tl, weight_dtype or out_dtype), K_IN_BLOCKS=True,
+        constexprs.update(HAS_BIAS=bias, WEIGHT_DTYPE=getattr(tl, weight_dtype or out_dtype), K_IN_BLOCKS=True,
                           PTX=target.backend == "cuda")
         if config.get("SPLIT_K", 1) > 1:  # split-K writes float32 partial sums; the bias comes after them
             sig["out_ptr"] = "*fp32"
