@@ -10,13 +10,15 @@ without a GPU: for each variant whose hash moved between REV (default HEAD) and 
 it compiles every kernel that the file's entries name for it (winners and runners-up, each format,
 with and without a bias, a float16 x on a bfloat16 weight too) ahead of time for the file's compute
 capability, once with REV's code and once with the working tree's. Where every PTX is the same
-(debug lines aside), that variant's entries (valid at REV) and the file's hash of it are re-stamped;
-otherwise nothing of it is, and the script says which kernels differ: re-tune those on their card.
+(debug lines aside) and, for a variant with a launch of its own (split-K sums, dequantize +
+cuBLAS), the code of that launch is too, the variant's entries that were valid at REV and the
+file's hash of it are re-stamped; otherwise nothing of it is, and the script says what differs:
+re-tune that variant on its card.
 
-FILE: the tuned files (default: DIR/tuned_configs/*.json; DIR, the checkout, defaults to this
-script's). Needs git and a Triton that can compile for
-the file's target (any install, CPU-only included; run it outside TRITON_INTERPRET). Exit status 1
-when a variant was left stale.
+FILE: the tuned files (default: DIR/tuned_configs/*.json, DIR the checkout, this script's by
+default). Needs git and a Triton that compiles for the files' targets (any install, CPU-only
+included; the script runs its compiles outside TRITON_INTERPRET). Exit status 1 when a variant
+was left stale.
 """
 
 from __future__ import annotations
@@ -52,22 +54,27 @@ def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> No
     from nf4_explorer import tuning
 
     assert nf4_explorer.__file__.startswith(package), f"imported {nf4_explorer.__file__}, not the tree in {package}"
-    result = {"hashes": {name: tuning.kernel_hash(name) for name in nf4_explorer.names(family=None)}, "ptx": {}}
+    # The working tree's tools on either side's package (REV's may lack their options).
+    cache, aot = (_load(Path(root) / folder / f"{name}.py") for folder, name in (("variants", "_cache"), ("tuner", "aot")))
+    result = {"hashes": {}, "run": {}, "ptx": {}}
+    for name in nf4_explorer.names(family=None):
+        result["hashes"][name] = tuning.kernel_hash(name)
+        run = nf4_explorer.get(name).run
+        if run is not None:  # a variant that launches more than its kernel: the code of that launch
+            module = sys.modules[run.__module__]
+            code = cache.used_code(module, [], names={run.__name__}) + "".join(
+                cache.used_code(sibling, [module]) for sibling in cache._variant_imports(module))
+            result["run"][name] = hashlib.sha256(code.encode()).hexdigest()
     if jobs_path:
-        import importlib.util
-
         from triton.backends.compiler import GPUTarget
-
-        # The working tree's compile driver on either side's package (REV's may lack its options).
-        spec = importlib.util.spec_from_file_location("_restamp_aot", Path(root) / "tuner" / "aot.py")
-        aot = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(aot)
-        compile_config = aot.compile_config
 
         for key in json.loads(Path(jobs_path).read_text()):
             job = json.loads(key)
+            if nf4_explorer.get(job["variant"]).kernel is None:  # its run is all it launches (above)
+                result["ptx"][key] = "no kernel"
+                continue
             try:
-                compiled = compile_config(job["variant"], job["config"], GPUTarget("cuda", job["capability"], 32),
+                compiled = aot.compile_config(job["variant"], job["config"], GPUTarget("cuda", job["capability"], 32),
                                           out_dtype=job["out_dtype"], double_quant=job["double_quant"],
                                           blocksize=job["blocksize"], quant_type=job["quant_type"],
                                           weight_dtype=job["weight_dtype"], bias=job["bias"])
@@ -79,6 +86,16 @@ def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> No
             kept = [line for line in lines if not line.strip().startswith((".loc", ".file", "$L__tmp")) and "debug" not in line]
             result["ptx"][key] = hashlib.sha256("\n".join(kept).encode()).hexdigest()
     Path(out_path).write_text(json.dumps(result))
+
+
+def _load(path: Path):
+    """The module in file ``path``, loaded on its own (absolute imports resolve to the worker's package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_restamp_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run_worker(package: Path, jobs: list[str] | None, scratch: Path, label: str, root: Path) -> dict:
@@ -131,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
         base, head = _package(source, scratch / "base"), _package(root, scratch / "head")
-        base_hashes = _run_worker(base, None, scratch, "base-hashes", root)["hashes"]
-        head_hashes = _run_worker(head, None, scratch, "head-hashes", root)["hashes"]
+        base_facts = _run_worker(base, None, scratch, "base-hashes", root)
+        head_facts = _run_worker(head, None, scratch, "head-hashes", root)
+        base_hashes, head_hashes = base_facts["hashes"], head_facts["hashes"]
         moved = {name for name in head_hashes if name in base_hashes and base_hashes[name] != head_hashes[name]}
 
         plans, jobs = [], set()
@@ -161,23 +179,28 @@ def main(argv: list[str] | None = None) -> int:
             if plan_path != path:
                 continue
             named = sorted(set(named))
-            failed = [key for key in named if before[key].startswith("error") or after[key].startswith("error")]
+            # A kernel that fails the same way with both codes is no change (a float16 x on a bfloat16
+            # weight where the variant declines that pair); none compiling at all says nothing.
+            failed = [key for key in named if after[key].startswith("error")]
+            compiled = [key for key in named if not after[key].startswith("error")]
             differ = [json.loads(key) for key in named if before[key] != after[key]]
-            if failed or differ:
+            run_moved = base_facts["run"].get(variant) != head_facts["run"].get(variant)
+            if (failed and not compiled) or differ or run_moved:
                 left_stale = True
-                why = (f"{len(failed)} of {len(named)} kernels do not compile here ({before[failed[0]]} / "
-                       f"{after[failed[0]]})" if failed else
-                       f"{len(differ)} of {len(named)} kernels compile differently (e.g. config "
-                       f"{differ[0]['config']}, {differ[0]['out_dtype']}): re-tune it on its card")
+                why = (f"none of its {len(named)} kernels compiles here ({after[failed[0]][:200]})" if failed and not compiled
+                       else f"{len(differ)} of {len(named)} kernels compile differently (e.g. config "
+                       f"{differ[0]['config']}, {differ[0]['out_dtype']}): re-tune it on its card" if differ else
+                       "the code of its own launch (its run, what it calls) changed: re-tune it on its card")
                 print(f"{path.name}: {variant}: left stale: {why}")
                 continue
             for entry in doc["entries"]:
                 if entry.get("variant") == variant and entry.get("kernel_hash") == base_hashes[variant]:
                     entry["kernel_hash"] = head_hashes[variant]
-            if variant in doc.get("kernel_hashes", {}):
+            if doc.get("kernel_hashes", {}).get(variant) == base_hashes[variant]:  # its runners-up: valid again
                 doc["kernel_hashes"][variant] = head_hashes[variant]
             changed = True
-            print(f"{path.name}: {variant}: {len(valid)} entries re-stamped ({len(named)} kernels, the same PTX)")
+            print(f"{path.name}: {variant}: {len(valid)} entries re-stamped ({len(compiled)} kernels, the same PTX"
+                  + (f"; {len(failed)} more fail alike with both codes" if failed else "") + ")")
         if changed and not args.dry_run:
             path.write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if left_stale else 0

@@ -270,7 +270,7 @@ def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
     import types
 
     shared_source = ('"""Doc."""\nimport struct\nfrom ._format import TABLE\nA = 1\nB = [A]\nB.append(A + 1)\n\n\n'
-                     '@jit\ndef f():\n    return B\n\n\ndef g():\n    return struct.pack\n\n\nsetup(2)\nC = TABLE\n')
+                     '@jit\ndef f(config):\n    return B[config]\n\n\ndef g():\n    return struct.pack\n\n\nregister(f, allowed=lambda config: config["X"])\nC = TABLE\n')
     sources = {"pkg._shared": shared_source, "pkg.a": "from ._shared import (\n    f,\n)\n",
                "pkg.b": "from ._shared import C\n", "pkg.c": "from . import _shared\n"}
     modules = {name: types.ModuleType(name) for name in sources}
@@ -281,8 +281,9 @@ def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
     monkeypatch.setattr(inspect, "getsource",
                         lambda obj: sources[obj.__name__] if getattr(obj, "__name__", None) in sources else original(obj))
     shared = modules["pkg._shared"]
-    # f, what it uses, the call that changes B; not g, its import, the unrelated call
-    assert _cache.used_code(shared, [modules["pkg.a"]]) == "A = 1\nB = [A]\nB.append(A + 1)\n@jit\ndef f():\n    return B"
+    # f, what it uses, the call that changes B; not g, its import, the call that only passes f along
+    assert _cache.used_code(shared, [modules["pkg.a"]]) == (
+        "A = 1\nB = [A]\nB.append(A + 1)\n@jit\ndef f(config):\n    return B[config]")
     assert _cache.used_code(shared, [modules["pkg.b"]]) == "from ._format import TABLE\nTABLE = (0.5, -1.0)\nC = TABLE"
     assert _cache.used_code(shared, [modules["pkg.a"], modules["pkg.c"]]) == _cache.code_only(shared_source)
     monkeypatch.setattr(inspect, "getsource", original)

@@ -150,17 +150,19 @@ def _variant_imports(module) -> list:
     return [found[name] for name in sorted(found)]
 
 
-def used_code(shared, modules) -> str:
+def used_code(shared, modules, names=()) -> str:
     """The code (:func:`code_only`) of the top-level statements of module ``shared`` that ``modules``
-    take from it (``from ._decode import lut_values``), with every statement of ``shared`` that
-    those use in turn, in file order. A statement that defines nothing (a call) counts when it uses
-    a name that counts (it may change that object); the values of plain-data names ``shared``
-    imports itself (``NF4_TABLE``) count too. A module that reaches ``shared`` otherwise
-    (``from . import _decode``) counts the whole of it."""
+    take from it (``from ._decode import lut_values``) or that define ``names``, with every statement
+    of ``shared`` that those use in turn, in file order. A statement that defines nothing counts when
+    it changes an object that counts (``table.append(...)``, ``table[k] = v``), not when it only
+    passes one along (``register(Variant(grid=_grid, ...))``); the values of plain-data names
+    ``shared`` imports itself (``NF4_TABLE``) count too. A module that reaches ``shared`` otherwise
+    (``from . import _decode``) counts the whole of it. (A hash only says when a tuned entry is
+    stale; what runs is always the current code.)"""
     import ast
 
     source = inspect.getsource(shared)
-    wanted, short = set(), shared.__name__.rpartition(".")[2]
+    wanted, short = set(names), shared.__name__.rpartition(".")[2]
     for module in modules:
         for node in ast.walk(ast.parse(inspect.getsource(module))):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == short:
@@ -172,12 +174,16 @@ def used_code(shared, modules) -> str:
                   if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))]
     defines = [_defined_names(statement) for statement in statements]
     uses = [{node.id for node in ast.walk(statement) if isinstance(node, ast.Name)} for statement in statements]
+    module_names = set().union(*defines)
+    changes = [{node.value.id for node in ast.walk(statement) if isinstance(node, (ast.Attribute, ast.Subscript))
+                and isinstance(node.value, ast.Name) and node.value.id in module_names}  # x.append(...), x[k] = v
+               for statement in statements]
     kept, kept_names, todo = set(), set(), set(wanted)
     while todo:
         name = todo.pop()
         kept_names.add(name)
         for i, statement in enumerate(statements):
-            if i not in kept and (name in defines[i] or (not defines[i] and name in uses[i])):
+            if i not in kept and (name in defines[i] or (not defines[i] and name in changes[i])):
                 kept.add(i)
                 todo |= uses[i] - kept_names
     lines = source.splitlines(keepends=True)
