@@ -55,7 +55,7 @@ def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> No
 
     assert nf4_explorer.__file__.startswith(package), f"imported {nf4_explorer.__file__}, not the tree in {package}"
     # The working tree's tools on either side's package (REV's may lack their options).
-    cache, aot = (_load(Path(root) / folder / f"{name}.py") for folder, name in (("variants", "_cache"), ("tuner", "aot")))
+    cache, aot = _load(Path(root) / "variants" / "_cache.py"), _load(Path(root) / "tuner" / "aot.py")
     result = {"hashes": {}, "run": {}, "ptx": {}}
     for name in nf4_explorer.names(family=None):
         result["hashes"][name] = tuning.kernel_hash(name)
@@ -83,7 +83,8 @@ def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> No
                 result["ptx"][key] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
                 continue
             lines = ptx.split(".section\t.debug")[0].split(".section .debug")[0].splitlines()
-            kept = [line for line in lines if not line.strip().startswith((".loc", ".file", "$L__tmp")) and "debug" not in line]
+            kept = [line for line in lines
+                    if not line.strip().startswith((".loc", ".file", "$L__tmp")) and "debug" not in line]
             result["ptx"][key] = hashlib.sha256("\n".join(kept).encode()).hexdigest()
     Path(out_path).write_text(json.dumps(result))
 
@@ -187,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             run_moved = base_facts["run"].get(variant) != head_facts["run"].get(variant)
             if (failed and not compiled) or differ or run_moved:
                 left_stale = True
-                why = (f"none of its {len(named)} kernels compiles here ({after[failed[0]][:200]})" if failed and not compiled
-                       else f"{len(differ)} of {len(named)} kernels compile differently (e.g. config "
-                       f"{differ[0]['config']}, {differ[0]['out_dtype']}): re-tune it on its card" if differ else
-                       "the code of its own launch (its run, what it calls) changed: re-tune it on its card")
+                if failed and not compiled:
+                    why = f"none of its {len(named)} kernels compiles here ({after[failed[0]][:200]})"
+                elif differ:
+                    why = (f"{len(differ)} of {len(named)} kernels compile differently (e.g. config "
+                           f"{differ[0]['config']}, {differ[0]['out_dtype']}): re-tune it on its card")
+                else:
+                    why = "the code of its own launch (its run, what it calls) changed: re-tune it on its card"
                 print(f"{path.name}: {variant}: left stale: {why}")
                 continue
             for entry in doc["entries"]:

@@ -270,7 +270,8 @@ def test_a_kernel_hash_covers_the_shared_code_its_variant_uses(monkeypatch):
     import types
 
     shared_source = ('"""Doc."""\nimport struct\nfrom ._format import TABLE\nA = 1\nB = [A]\nB.append(A + 1)\n\n\n'
-                     '@jit\ndef f(config):\n    return B[config]\n\n\ndef g():\n    return struct.pack\n\n\nregister(f, allowed=lambda config: config["X"])\nC = TABLE\n')
+                     '@jit\ndef f(config):\n    return B[config]\n\n\ndef g():\n    return struct.pack\n\n\n'
+                     'register(f, allowed=lambda config: config["X"])\nC = TABLE\n')
     sources = {"pkg._shared": shared_source, "pkg.a": "from ._shared import (\n    f,\n)\n",
                "pkg.b": "from ._shared import C\n", "pkg.c": "from . import _shared\n"}
     modules = {name: types.ModuleType(name) for name in sources}

@@ -126,7 +126,8 @@ def kernel_hash(variant_name: str) -> str:
     siblings = _variant_imports(module)
     modules = (module, *siblings)
     parts = [code_only(inspect.getsource(module)), *(used_code(sibling, modules) for sibling in siblings),
-             used_code(_decode, modules), *(code_only(inspect.getsource(b)) for b in (_launch.launch_options, *builders)),
+             used_code(_decode, modules),
+             *(code_only(inspect.getsource(builder)) for builder in (_launch.launch_options, *builders)),
              repr(sorted(variant.space.items()))]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
