@@ -337,6 +337,29 @@ def test_an_unaligned_x_is_its_own_problem(monkeypatch, tmp_path, device):
     assert error <= tuning.tolerance(unaligned, packed, state, reference=reference)
 
 
+def test_each_alignment_of_x_is_its_own_problem(monkeypatch, tmp_path, device):
+    """A variant that reads x in 4-byte pieces (linear_mma_gemv) takes an x 4 bytes past a 16-byte
+    boundary and declines one 2 bytes past it: the dispatcher remembers its choice per alignment
+    (x's address mod 16), so the second is not handed the first's variant (a misaligned load)."""
+    import dataclasses
+
+    from nf4_explorer import _registry
+
+    tiled = _registry.get("linear_tiled")
+    picky = dataclasses.replace(tiled, accepts=lambda args: "x off 4 bytes" if args.x2d.data_ptr() % 4 else None)
+    monkeypatch.setitem(_registry._REGISTRY, "linear_tiled", picky)
+    _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([32, 128], 4, "linear_tiled")])
+    _, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
+    storage = torch.randn(4 * 128 + 8, dtype=torch.bfloat16, device=device)
+    at_4_bytes, at_2_bytes = storage[2:4 * 128 + 2].view(4, 128), storage[1:4 * 128 + 1].view(4, 128)
+    assert nf4_explorer.explain_linear(at_4_bytes, packed, state).variant == "linear_tiled"
+    choice = nf4_explorer.explain_linear(at_2_bytes, packed, state)
+    assert choice.variant != "linear_tiled" and "cannot take this problem" in choice.detail, choice
+    reference = tuning.reference_linear(at_2_bytes, packed, state)
+    error = (nf4_explorer.linear(at_2_bytes, packed, state).double() - reference).abs().max().item()
+    assert error <= tuning.tolerance(at_2_bytes, packed, state, reference=reference)
+
+
 @pytest.mark.parametrize("offset", [1, 2, 4])
 def test_every_variant_computes_an_unaligned_x_or_declines_it(offset, device):
     """x and the absmax as views starting off a 16-byte boundary (x at 2, 4 or 8 bytes in): each
