@@ -313,51 +313,30 @@ def test_an_entry_whose_variant_declines_gives_way_to_the_next(monkeypatch, tmp_
     assert nf4_explorer.explain_linear(x, packed16, state16).variant == "linear_lut_gemm"
 
 
-def test_an_unaligned_x_is_its_own_problem(monkeypatch, tmp_path, device):
-    """A variant that declines an x not on a 16-byte boundary (as the cp.async kernels do) keeps its
-    entry for aligned calls of the same problem before and after an unaligned one: the choice is
-    remembered per alignment, not once for both."""
+@pytest.mark.parametrize("boundary, taken, declined", [(16, 0, 1), (4, 2, 1)], ids=["cp.async", "pairs"])
+def test_each_alignment_of_x_is_its_own_problem(boundary, taken, declined, monkeypatch, tmp_path, device):
+    """A variant that declines an x off a ``boundary``-byte boundary (16: the cp.async kernels; 4:
+    linear_mma_gemv's 32-bit pairs) keeps its entry for an x it takes, before and after one it
+    declines: the dispatcher remembers its choice per alignment (x's address mod 16), so the x it
+    declines is not handed the other's variant (a misaligned load). Offsets in elements."""
     import dataclasses
 
     from nf4_explorer import _registry
 
     tiled = _registry.get("linear_tiled")
-    picky = dataclasses.replace(tiled, accepts=lambda args: "unaligned x" if args.x2d.data_ptr() % 16 else None)
-    monkeypatch.setitem(_registry._REGISTRY, "linear_tiled", picky)
-    _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([32, 128], 4, "linear_tiled")])
-    _, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
-    storage = torch.randn(4 * 128 + 1, dtype=torch.bfloat16, device=device)
-    aligned, unaligned = storage[:4 * 128].view(4, 128), storage[1:].view(4, 128)
-    assert nf4_explorer.explain_linear(aligned, packed, state).variant == "linear_tiled"
-    choice = nf4_explorer.explain_linear(unaligned, packed, state)
-    assert choice.variant != "linear_tiled" and "cannot take this problem" in choice.detail, choice
-    assert nf4_explorer.explain_linear(aligned, packed, state).variant == "linear_tiled"
-    reference = tuning.reference_linear(unaligned, packed, state)
-    error = (nf4_explorer.linear(unaligned, packed, state).double() - reference).abs().max().item()
-    assert error <= tuning.tolerance(unaligned, packed, state, reference=reference)
-
-
-def test_each_alignment_of_x_is_its_own_problem(monkeypatch, tmp_path, device):
-    """A variant that reads x in 4-byte pieces (linear_mma_gemv) takes an x 4 bytes past a 16-byte
-    boundary and declines one 2 bytes past it: the dispatcher remembers its choice per alignment
-    (x's address mod 16), so the second is not handed the first's variant (a misaligned load)."""
-    import dataclasses
-
-    from nf4_explorer import _registry
-
-    tiled = _registry.get("linear_tiled")
-    picky = dataclasses.replace(tiled, accepts=lambda args: "x off 4 bytes" if args.x2d.data_ptr() % 4 else None)
+    picky = dataclasses.replace(tiled, accepts=lambda args: "misaligned x" if args.x2d.data_ptr() % boundary else None)
     monkeypatch.setitem(_registry._REGISTRY, "linear_tiled", picky)
     _fake_gpu_file(monkeypatch, tmp_path, [_tuned_entry([32, 128], 4, "linear_tiled")])
     _, packed, state, _ = _problem(32, 128, 1, torch.bfloat16, device)
     storage = torch.randn(4 * 128 + 8, dtype=torch.bfloat16, device=device)
-    at_4_bytes, at_2_bytes = storage[2:4 * 128 + 2].view(4, 128), storage[1:4 * 128 + 1].view(4, 128)
-    assert nf4_explorer.explain_linear(at_4_bytes, packed, state).variant == "linear_tiled"
-    choice = nf4_explorer.explain_linear(at_2_bytes, packed, state)
+    good, bad = (storage[offset:offset + 4 * 128].view(4, 128) for offset in (taken, declined))
+    assert nf4_explorer.explain_linear(good, packed, state).variant == "linear_tiled"
+    choice = nf4_explorer.explain_linear(bad, packed, state)
     assert choice.variant != "linear_tiled" and "cannot take this problem" in choice.detail, choice
-    reference = tuning.reference_linear(at_2_bytes, packed, state)
-    error = (nf4_explorer.linear(at_2_bytes, packed, state).double() - reference).abs().max().item()
-    assert error <= tuning.tolerance(at_2_bytes, packed, state, reference=reference)
+    assert nf4_explorer.explain_linear(good, packed, state).variant == "linear_tiled"
+    reference = tuning.reference_linear(bad, packed, state)
+    error = (nf4_explorer.linear(bad, packed, state).double() - reference).abs().max().item()
+    assert error <= tuning.tolerance(bad, packed, state, reference=reference)
 
 
 @pytest.mark.parametrize("offset", [1, 2, 4])
