@@ -47,8 +47,9 @@ def _package(source: Path, target: Path) -> Path:
 
 
 def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> None:
-    """In a process of its own: the kernel hashes of ``package``'s variants, and the PTX digest of each
-    job of ``jobs_path`` (compiled by the working tree's ``tuner/aot.py`` from ``package``'s code)."""
+    """In a process of its own: without ``jobs_path``, the kernel hashes of ``package``'s variants and
+    the code digests of their own launches; with it, the PTX digest of each job (compiled by the
+    working tree's ``tuner/aot.py`` from ``package``'s code)."""
     sys.path.insert(0, package)
     import nf4_explorer
     from nf4_explorer import tuning
@@ -57,7 +58,7 @@ def _worker(package: str, jobs_path: str | None, out_path: str, root: str) -> No
     # The working tree's tools on either side's package (REV's may lack their options).
     cache, aot = _load(Path(root) / "variants" / "_cache.py"), _load(Path(root) / "tuner" / "aot.py")
     result = {"hashes": {}, "run": {}, "ptx": {}}
-    for name in nf4_explorer.names(family=None):
+    for name in [] if jobs_path else nf4_explorer.names(family=None):  # the first pass's facts
         result["hashes"][name] = tuning.kernel_hash(name)
         run = nf4_explorer.get(name).run
         if run is not None:  # a variant that launches more than its kernel: the code of that launch
