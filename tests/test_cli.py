@@ -83,7 +83,8 @@ def test_usage_errors_are_one_line_exit_2(arguments, fragment, config_dir, tmp_p
     assert not (config_dir / "triton-interpreter-cpu.json").exists(), "nothing may be tuned after a usage error"
 
 
-@pytest.mark.parametrize("arguments", [["tune", "--trials", "-3"], ["tune", "--timeout", "-5"], ["tune", "--trials", "x"]])
+@pytest.mark.parametrize("arguments", [["tune", "--trials", "-3"], ["tune", "--timeout", "-5"], ["tune", "--trials", "x"],
+                                       ["bench", "--e2e", "--new-tokens", "0"], ["bench", "--e2e", "--layers", "x"]])
 def test_bad_numbers_are_refused_by_the_parser(arguments, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(arguments)

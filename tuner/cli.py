@@ -378,7 +378,8 @@ def _bench_e2e(args) -> int:
 
     from .e2e import e2e_bench
 
-    rows, checks = e2e_bench(layers=args.layers, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    rows, checks = e2e_bench(layers=args.layers, new_tokens=args.new_tokens,
+                             log=lambda line: console.print(f"[dim]{line}[/dim]"))
     if args.json:
         print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
                           "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
@@ -520,6 +521,8 @@ def main(argv=None) -> int:
                        "prefill and a QLoRA step; dense bf16, bitsandbytes NF4 and NF4 patched, in one process")
     bench.add_argument("--layers", type=_positive(int), default=32,
                        help="with --e2e: decoder layers of the decode and prefill model (default 32; QLoRA uses 8)")
+    bench.add_argument("--new-tokens", type=_positive(int), default=128,
+                       help="with --e2e: tokens each decode generates after its 32-token prompt (default 128)")
     bench.add_argument("--m", help="with --linear: comma-separated M buckets (default 1,4,16,64,256,1024,4096)")
     bench.set_defaults(func=cmd_bench)
 

@@ -122,7 +122,7 @@ def _under(provider: str):
     return nf4_explorer.patch_bitsandbytes(linear=True) if provider == "patched" else contextlib.nullcontext()
 
 
-def e2e_bench(layers: int = 32, batches=(1, 8), prompt: int = 32, new_tokens: int = 64, prefill: int = 2048,
+def e2e_bench(layers: int = 32, batches=(1, 8), prompt: int = 32, new_tokens: int = 128, prefill: int = 2048,
               train_layers: int = 8, train_batch: int = 4, train_tokens: int = 1024, repeats: int = 3,
               compiled: bool = True, log: Callable[[str], None] = lambda line: None):
     """Runs every measure and check; returns (rows, checks). ``log`` gets a line per step done."""
