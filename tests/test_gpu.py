@@ -212,6 +212,8 @@ LEAN_CHANGES = {
     "non-contiguous x": lambda x, p, s, b: (torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).t(), p, s, b),
     "float16 x": lambda x, p, s, b: (x.half(), p, s, b),
     "a bias": lambda x, p, s, b: (x, p, s, torch.randn(256, device="cuda", dtype=torch.bfloat16)),
+    "a bias off a 16-byte boundary": lambda x, p, s, b: (x, p, s, torch.randn(257, device="cuda",
+                                                                              dtype=torch.bfloat16)[1:]),
     "a module's bias (a Parameter)": lambda x, p, s, b: (x, p, s, torch.nn.Parameter(
         torch.randn(256, device="cuda", dtype=torch.bfloat16), requires_grad=False)),
     "another weight format": lambda x, p, s, b: (x, *nf4_explorer.quantize(
@@ -231,6 +233,26 @@ def test_the_lean_path_serves_only_the_same_problem(change):
     for call in range(2):  # the changed problem's first (full) and second (planned) call
         out = nf4_explorer.linear(x, packed, state, bias)
         assert_bit_equal(out, _forced(x, packed, state, bias), f"{change}, call {call}")
+
+
+def test_a_call_with_an_unaligned_bias_leaves_the_plan_to_an_aligned_one():
+    """A plan is made from an aligned call only: one made from a bias off a 16-byte boundary would
+    keep no launch of its own (the fast launch takes aligned pointers), and every later call of the
+    problem would pay the variant's full launch."""
+    from nf4_explorer import _dispatch
+
+    _dispatch.reset()
+    packed, state = _linear_problem(seed=14)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    unaligned = torch.randn(257, device="cuda", dtype=torch.bfloat16)[1:]
+    aligned = unaligned.clone()
+    nf4_explorer.linear(x, packed, state, unaligned)
+    key = _dispatch._plan_key(x, nf4_explorer._format.prepare_weight(packed, state), aligned)
+    assert key not in _dispatch._plans
+    out = nf4_explorer.linear(x, packed, state, aligned)
+    assert _dispatch._plans[key][0] is not None, "the plan kept no launch"
+    assert_bit_equal(nf4_explorer.linear(x, packed, state, aligned), out, "planned call")
+    assert_bit_equal(out, _forced(x, packed, state, aligned), "full path")
 
 
 DEQUANTIZE_CHANGES = {

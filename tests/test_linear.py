@@ -366,6 +366,30 @@ def test_every_variant_computes_an_unaligned_x_or_declines_it(offset, device):
     assert None in ran and len(ran) > 2, ran
 
 
+@pytest.mark.parametrize("offset", [1, 2, 4])
+def test_every_variant_computes_an_unaligned_bias_or_declines_it(offset, device):
+    """The bias as a view starting off a 16-byte boundary (2, 4 or 8 bytes in: a slice of a fused
+    q/k/v bias, say): each variant computes it within the contract or declines it with a reason, and
+    so does the dispatcher, first and again (its kept plan refuses unaligned pointers)."""
+    m, n, k = 4, 64, 256
+    x, packed, state, _ = _problem(n, k, m, torch.bfloat16, device)
+    storage = torch.randn(n + offset, dtype=torch.bfloat16, device=device)
+    bias = storage[offset:]
+    reference = tuning.reference_linear(x, packed, state, bias)
+    bound = tuning.tolerance(x, packed, state, bias, reference=reference)
+    ran = []
+    for name in [None, None, *nf4_explorer.names(device, family="linear")]:
+        try:
+            y = nf4_explorer.linear(x, packed, state, bias, variant=name)
+        except ValueError as exc:
+            assert name is not None and name in str(exc), exc  # a decline names the variant and why
+            continue
+        error = (y.double() - reference).abs().max().item()
+        assert error <= bound, f"{name or 'the dispatcher'}: error {error} over the bound {bound}"
+        ran.append(name)
+    assert ran[:2] == [None, None] and len(ran) > 3, ran
+
+
 def test_nearest_shape_is_nearest_in_n_and_k(monkeypatch, tmp_path, device):
     """Untuned shapes take the tuned shape nearest in N and in K, not just in size: an up projection
     (N > K) the up projection's entry, a down projection the down projection's."""

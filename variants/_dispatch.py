@@ -337,9 +337,11 @@ def linear_eager(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.
     if args.m == 0:
         return x.new_empty((*x.shape[:-1], args.n))
     _run(args, "linear", *_resolve(args, "linear", variant, config))
-    # A plan from a call that needed no copy of x or bias, and whose x was aligned (a plan does not
-    # look at alignment: one made on an unaligned x would keep its fallback for aligned calls).
-    if key is not None and x.is_contiguous() and args.bias is bias and not x.data_ptr() % 16:
+    # A plan from a call that needed no copy of x or bias, and whose x and bias were aligned (a plan
+    # does not look at alignment: one made on an unaligned x would keep its fallback for aligned
+    # calls, one on an unaligned bias no kept launch).
+    if (key is not None and x.is_contiguous() and args.bias is bias and not x.data_ptr() % 16
+            and (bias is None or not bias.data_ptr() % 16)):
         _remember_plan(key, args)
     return args.result()
 
