@@ -339,6 +339,24 @@ def test_each_alignment_of_x_is_its_own_problem(boundary, taken, declined, monke
     assert error <= tuning.tolerance(bad, packed, state, reference=reference)
 
 
+def _within_contract_or_declined(x, packed, state, bias, names) -> list:
+    """Calls ``linear`` with each of ``names`` (None: the dispatcher): each result is within the
+    contract, or the variant declines with a ValueError that names it. Returns the names that ran."""
+    reference = tuning.reference_linear(x, packed, state, bias)
+    bound = tuning.tolerance(x, packed, state, bias, reference=reference)
+    ran = []
+    for name in names:
+        try:
+            y = nf4_explorer.linear(x, packed, state, bias, variant=name)
+        except ValueError as exc:
+            assert name is not None and name in str(exc), exc  # a decline names the variant and why
+            continue
+        error = (y.double() - reference).abs().max().item()
+        assert error <= bound, f"{name or 'the dispatcher'}: error {error} over the bound {bound}"
+        ran.append(name)
+    return ran
+
+
 @pytest.mark.parametrize("offset", [1, 2, 4])
 def test_every_variant_computes_an_unaligned_x_or_declines_it(offset, device):
     """x and the absmax as views starting off a 16-byte boundary (x at 2, 4 or 8 bytes in): each
@@ -351,18 +369,7 @@ def test_every_variant_computes_an_unaligned_x_or_declines_it(offset, device):
     codes = torch.empty(state.absmax.numel() + 3, dtype=torch.uint8, device=device)
     codes[3:] = state.absmax
     state.absmax = codes[3:]
-    reference = tuning.reference_linear(x, packed, state)
-    bound = tuning.tolerance(x, packed, state, reference=reference)
-    ran = []
-    for name in [None, *nf4_explorer.names(device, family="linear")]:
-        try:
-            y = nf4_explorer.linear(x, packed, state, variant=name)
-        except ValueError as exc:
-            assert name is not None and name in str(exc), exc  # a decline names the variant and why
-            continue
-        error = (y.double() - reference).abs().max().item()
-        assert error <= bound, f"{name or 'the dispatcher'}: error {error} over the bound {bound}"
-        ran.append(name)
+    ran = _within_contract_or_declined(x, packed, state, None, [None, *nf4_explorer.names(device, family="linear")])
     assert None in ran and len(ran) > 2, ran
 
 
@@ -375,18 +382,8 @@ def test_every_variant_computes_an_unaligned_bias_or_declines_it(offset, device)
     x, packed, state, _ = _problem(n, k, m, torch.bfloat16, device)
     storage = torch.randn(n + offset, dtype=torch.bfloat16, device=device)
     bias = storage[offset:]
-    reference = tuning.reference_linear(x, packed, state, bias)
-    bound = tuning.tolerance(x, packed, state, bias, reference=reference)
-    ran = []
-    for name in [None, None, *nf4_explorer.names(device, family="linear")]:
-        try:
-            y = nf4_explorer.linear(x, packed, state, bias, variant=name)
-        except ValueError as exc:
-            assert name is not None and name in str(exc), exc  # a decline names the variant and why
-            continue
-        error = (y.double() - reference).abs().max().item()
-        assert error <= bound, f"{name or 'the dispatcher'}: error {error} over the bound {bound}"
-        ran.append(name)
+    ran = _within_contract_or_declined(x, packed, state, bias,
+                                       [None, None, *nf4_explorer.names(device, family="linear")])
     assert ran[:2] == [None, None] and len(ran) > 3, ran
 
 
